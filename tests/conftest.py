@@ -1,0 +1,61 @@
+"""Shared fixtures: a real Kafka broker for the session, per-test topics, an SMTP recorder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from service.devstack import KafkaNode
+from tests.support import SmtpRecorder, create_topics, unique_topic
+
+BOOTSTRAP_ENV = "NOTIFY_TEST_KAFKA_BOOTSTRAP"
+
+
+@pytest.fixture(scope="session")
+def kafka_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaNode]:
+    """The session's own broker, for tests that stop, kill or restart it."""
+    if os.environ.get(BOOTSTRAP_ENV):
+        pytest.fail(f"this test controls the broker itself: unset {BOOTSTRAP_ENV}")
+    node = KafkaNode(tmp_path_factory.mktemp("kafka"))
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
+    """`host:port` of a broker: $NOTIFY_TEST_KAFKA_BOOTSTRAP, else the session's own."""
+    if external := os.environ.get(BOOTSTRAP_ENV):
+        return external
+    node: KafkaNode = request.getfixturevalue("kafka_node")
+    return node.bootstrap
+
+
+@pytest.fixture
+async def topic(request: pytest.FixtureRequest, kafka_bootstrap: str) -> str:
+    """A fresh 4-partition topic for this test (its dead-letter topic is created with it)."""
+    if not os.environ.get(BOOTSTRAP_ENV):
+        # A fault test that failed half-way may have left the broker down: don't fail the rest.
+        node: KafkaNode = request.getfixturevalue("kafka_node")
+        if not node.running:
+            node.start()
+    name = unique_topic(request.node.name)
+    await create_topics(kafka_bootstrap, [name, f"{name}.dlq"], partitions=4)
+    return name
+
+
+@pytest.fixture
+def dlq_topic(topic: str) -> str:
+    """The dead-letter topic that goes with `topic` (same partitions)."""
+    return f"{topic}.dlq"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpRecorder]:
+    """An SMTP server on 127.0.0.1 (free port) recording each message; see SmtpRecorder."""
+    server = SmtpRecorder()
+    server.start()
+    yield server
+    server.stop()
