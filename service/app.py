@@ -1,0 +1,283 @@
+"""Wiring: settings → parts → a FastStream Kafka subscriber served beside health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from faststream import AckPolicy
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from prometheus_client import CollectorRegistry, make_asgi_app
+
+from service.attachments import DirectoryAttachmentStore
+from service.directory import Directory, DirectoryError, load_directory
+from service.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
+from service.ledger import SqliteLedger
+from service.mail import SmtpConfig, SmtpPool
+from service.metrics import Metrics
+from service.render import Renderer, RenderError
+from service.routing import RoutingPolicy
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("service.app")
+
+LAG_INTERVAL_SECONDS = 10.0
+
+
+class KafkaDeadLetters:
+    """Publishes dead letters with the original key, value and headers plus the reason."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+
+    async def send(self, record: Record, stage: str, reason: str) -> None:
+        headers = [
+            *((k, v) for k, v in record.headers if not k.startswith("x-error-")),
+            ("x-error-stage", stage.encode()),
+            ("x-error-reason", _one_line(reason).encode()),
+            ("x-original-topic", record.topic.encode()),
+            ("x-original-partition", str(record.partition).encode()),
+            ("x-original-offset", str(record.offset).encode()),
+        ]
+        await self._producer.send_and_wait(
+            self._topic, value=record.value, key=record.key, headers=headers
+        )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def record_of(raw: ConsumerRecord[Any, Any]) -> Record:
+    return Record(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        key=raw.key,
+        value=raw.value,
+        headers=tuple((k, v if isinstance(v, bytes) else b"") for k, v in raw.headers),
+        timestamp_ms=raw.timestamp,
+    )
+
+
+@dataclass
+class Parts:
+    """What start-up builds before anything connects; a failure here is a bad setting."""
+
+    settings: Settings
+    directory: Directory
+    renderer: Renderer
+    store: DirectoryAttachmentStore
+    registry: CollectorRegistry
+    metrics: Metrics
+
+
+def build_parts(settings: Settings) -> Parts:
+    """Load the directory and templates; raise SettingsError naming the setting at fault."""
+    try:
+        directory = (
+            load_directory(settings.directory_file)
+            if settings.directory_file is not None
+            else Directory.empty()
+        )
+    except DirectoryError as exc:
+        raise SettingsError(f"NOTIFY_DIRECTORY_FILE: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"NOTIFY_DIRECTORY_FILE: {exc.strerror}: {exc.filename}") from None
+    if not settings.templates_dir.is_dir():
+        raise SettingsError(f"NOTIFY_TEMPLATES_DIR: not a folder: {settings.templates_dir}")
+    try:
+        renderer = Renderer(settings.templates_dir)
+        renderer.check()
+    except RenderError as exc:
+        raise SettingsError(f"NOTIFY_TEMPLATES_DIR: {exc}") from None
+    if not settings.attachments_dir.is_dir():
+        raise SettingsError(f"NOTIFY_ATTACHMENTS_DIR: not a folder: {settings.attachments_dir}")
+    store = DirectoryAttachmentStore(
+        settings.attachments_dir, settings.max_attachment_bytes, settings.max_mail_bytes
+    )
+    registry = CollectorRegistry()
+    return Parts(settings, directory, renderer, store, registry, Metrics(registry))
+
+
+def delivery_config(settings: Settings) -> DeliveryConfig:
+    return DeliveryConfig(
+        sender=settings.mail_from,
+        envelope_from=settings.envelope_from,
+        reply_to=settings.reply_to,
+        domain=settings.mail_domain,
+        policy=RoutingPolicy(
+            suppliers_may_receive_personal_data=settings.suppliers_may_receive_personal_data
+        ),
+        concurrency=settings.concurrency,
+        retry_initial=settings.retry_initial_seconds,
+        retry_max=settings.retry_max_seconds,
+        retry_budget=settings.retry_budget_seconds,
+        attachment_wait=settings.attachment_wait_seconds,
+    )
+
+
+def smtp_config(settings: Settings) -> SmtpConfig:
+    return SmtpConfig(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        security=settings.smtp_security,
+        username=settings.smtp_username,
+        password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+        timeout=settings.smtp_timeout_seconds,
+        pool_size=settings.smtp_pool_size,
+    )
+
+
+async def _raw_parser(msg: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+    # FastStream decodes every header value as UTF-8 and one binary header would fail
+    # the whole batch forever; parse without headers and keep the raw records instead.
+    records = tuple(msg)
+    stripped = tuple(
+        ConsumerRecord(
+            r.topic,
+            r.partition,
+            r.offset,
+            r.timestamp,
+            r.timestamp_type,
+            r.key,
+            r.value,
+            r.checksum,
+            r.serialized_key_size,
+            r.serialized_value_size,
+            [],
+        )
+        for r in records
+    )
+    parsed = await original(stripped)
+    parsed.raw_message = records
+    return parsed
+
+
+async def _no_decoder(msg: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+    # Bodies are parsed by service.events, which turns bad input into dead letters.
+    return None
+
+
+def create_app(settings: Settings) -> AsgiFastStream:
+    """The service as an ASGI app: Kafka consumer plus /healthz, /readyz and /metrics."""
+    parts = build_parts(settings)
+    registry, metrics = parts.registry, parts.metrics
+    broker = KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        middlewares=[KafkaPrometheusMiddleware(registry=registry, app_name="notifier")],
+        graceful_timeout=settings.graceful_timeout_seconds,
+        client_id="ticket-notifier",
+    )
+    pool = SmtpPool(smtp_config(settings), observer=metrics)
+    metrics.pool_size.set(settings.smtp_pool_size)
+    ledger = SqliteLedger.from_url(settings.ledger_url)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True
+    )
+    dispatcher = Dispatcher(
+        config=delivery_config(settings),
+        directory=parts.directory,
+        renderer=parts.renderer,
+        store=parts.store,
+        ledger=ledger,
+        mailer=pool,
+        dead_letters=KafkaDeadLetters(producer, settings.dlq_topic),
+        metrics=metrics,
+    )
+    subscriber = broker.subscriber(
+        settings.topic,
+        group_id=settings.group_id,
+        batch=True,
+        max_records=settings.batch_max_records,
+        ack_policy=AckPolicy.MANUAL,
+        auto_offset_reset="earliest",
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        session_timeout_ms=settings.session_timeout_ms,
+        parser=_raw_parser,
+        decoder=_no_decoder,
+        title="ticket-activities",
+        description="Ticket activity CloudEvents; see docs/asyncapi.yaml for the schema.",
+    )
+
+    @subscriber
+    async def handle(message: KafkaMessage) -> None:
+        records = [record_of(raw) for raw in message.raw_message]
+        try:
+            await dispatcher.handle_batch(records)
+        except RetryLater:
+            # Rewind every partition of the batch; the ledger keeps what was sent.
+            await message.nack()
+            return
+        await message.ack()
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def report_lag() -> None:
+        while True:
+            await asyncio.sleep(LAG_INTERVAL_SECONDS)
+            consumer = getattr(subscriber, "consumer", None)
+            if isinstance(consumer, AIOKafkaConsumer):
+                with contextlib.suppress(Exception):
+                    await _measure_lag(consumer, metrics)
+
+    async def start() -> None:
+        await ledger.open()
+        await producer.start()
+        tasks.append(asyncio.create_task(report_lag()))
+
+    async def stop_consuming() -> None:
+        dispatcher.stop()
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await producer.stop()
+        await pool.close()
+        await ledger.close()
+
+    @get
+    async def healthz(scope: Any) -> AsgiResponse:
+        return AsgiResponse(b"ok\n", 200)
+
+    @get
+    async def readyz(scope: Any) -> AsgiResponse:
+        reasons = []
+        if not await broker.ping(timeout=3.0):
+            reasons.append("kafka unreachable")
+        if not await pool.ping():
+            reasons.append("smtp unreachable")
+        if reasons:
+            return AsgiResponse(("; ".join(reasons) + "\n").encode(), 503)
+        return AsgiResponse(b"ready\n", 200)
+
+    return AsgiFastStream(
+        broker,
+        asgi_routes=[
+            ("/healthz", healthz),
+            ("/readyz", readyz),
+            ("/metrics", make_asgi_app(registry)),
+        ],
+        on_startup=[start],
+        on_shutdown=[stop_consuming],
+        after_shutdown=[stop],
+    )
+
+
+async def _measure_lag(consumer: AIOKafkaConsumer, metrics: Metrics) -> None:
+    partitions: set[TopicPartition] = consumer.assignment()
+    if not partitions:
+        return
+    ends = await consumer.end_offsets(list(partitions))
+    for tp in partitions:
+        committed = await consumer.committed(tp)
+        metrics.lag(tp.partition, max(0, ends[tp] - (committed or 0)))

@@ -1,0 +1,114 @@
+"""The `notifier` command: run, preview, dlq replay, publish, bridge, dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.settings import Settings, SettingsError, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"notifier: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from service.app import create_app
+    from service.logs import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        print(f"notifier: bad setting: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(
+        app.run(
+            log_level=20,
+            run_extra_options={"host": settings.http_host, "port": settings.http_port},
+        )
+    )
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from service.preview import preview
+
+    settings = _settings()
+    try:
+        return preview(settings, Path(args.event), Path(args.out) if args.out else None)
+    except SettingsError as exc:
+        print(f"notifier: bad setting: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from service.replay import replay
+
+    settings = _settings()
+    count = asyncio.run(
+        replay(
+            settings,
+            stage=args.stage,
+            contains=args.contains,
+            limit=args.limit,
+            dry_run=args.dry_run,
+        )
+    )
+    print(
+        f"replayed {count} dead letter(s) to {settings.topic}"
+        if not args.dry_run
+        else f"would replay {count} dead letter(s)"
+    )
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from service.devstack import main as dev_main
+
+    return dev_main(list(args.rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="notifier", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="consume ticket activities and send the e-mails")
+    run.set_defaults(func=cmd_run)
+
+    pre = sub.add_parser("preview", help="render every mail an event would produce")
+    pre.add_argument("event", help="a CloudEvent JSON file ('-' for standard input)")
+    pre.add_argument("--out", help="write .eml and .html files into this folder")
+    pre.set_defaults(func=cmd_preview)
+
+    dlq = sub.add_parser("dlq", help="dead-letter topic tools")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    rep = dlq_sub.add_parser("replay", help="send dead letters back to the main topic")
+    rep.add_argument("--stage", help="only dead letters of this x-error-stage")
+    rep.add_argument("--contains", help="only dead letters whose reason contains this text")
+    rep.add_argument("--limit", type=int, default=None, help="replay at most this many")
+    rep.add_argument("--dry-run", action="store_true", help="count, send nothing, commit nothing")
+    rep.set_defaults(func=cmd_dlq_replay)
+
+    dev = sub.add_parser("dev", help="local Kafka broker and SMTP capture (see README)")
+    dev.add_argument("rest", nargs=argparse.REMAINDER)
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""One batch of Kafka records in, every notification sent, recorded or dead-lettered out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from service.attachments import AttachmentMissing, AttachmentRefused, AttachmentStore
+from service.directory import Directory
+from service.events import ActivityEvent, InvalidEvent, parse_event
+from service.ledger import Entry, Ledger
+from service.mail import Mailer, PermanentSmtpError, TransientSmtpError
+from service.message import build_message, message_id
+from service.metrics import Metrics
+from service.render import Renderer, RenderError
+from service.routing import Notification, RoutingPolicy, route
+
+log = logging.getLogger("service.dispatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A Kafka record, independent of the client library that fetched it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int | None = None
+
+
+class DeadLetterSink(Protocol):
+    """Where records that cannot be served go, with the reason."""
+
+    async def send(self, record: Record, stage: str, reason: str) -> None: ...
+
+
+class RetryLater(Exception):
+    """A transient failure outlived the in-process retry budget: rewind, commit nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A permanent failure of one notification (or of the whole record)."""
+
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """The settings the dispatcher needs, as plain values."""
+
+    sender: str
+    envelope_from: str
+    reply_to: str | None
+    domain: str
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    concurrency: int = 64
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+    retry_budget: float = 120.0
+    attachment_wait: float = 300.0
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class Dispatcher:
+    """Validate → route → render → send → record → count, for each record of a batch."""
+
+    def __init__(
+        self,
+        *,
+        config: DeliveryConfig,
+        directory: Directory,
+        renderer: Renderer,
+        store: AttachmentStore,
+        ledger: Ledger,
+        mailer: Mailer,
+        dead_letters: DeadLetterSink,
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._directory = directory
+        self._renderer = renderer
+        self._store = store
+        self._ledger = ledger
+        self._mailer = mailer
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Abandon retries at once: unfinished records stay uncommitted and come back."""
+        self._stopping.set()
+
+    async def handle_batch(self, records: Sequence[Record]) -> None:
+        """Serve a batch; raises RetryLater when any record must be fetched again.
+
+        Records of one key (one ticket) on one partition are served in order; different
+        keys are served concurrently, up to the configured concurrency.
+        """
+        groups: dict[tuple[int, bytes | None], list[Record]] = defaultdict(list)
+        for record in records:
+            groups[(record.partition, record.key)].append(record)
+        deadline = time.monotonic() + self._config.retry_budget
+        slots = asyncio.Semaphore(self._config.concurrency)
+
+        async def serve(group: list[Record]) -> None:
+            async with slots:
+                for record in group:
+                    await self.handle_record(record, deadline)
+
+        results = await asyncio.gather(
+            *(serve(group) for group in groups.values()), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, RetryLater):
+                raise error
+        if errors:
+            raise errors[0]
+
+    async def handle_record(self, record: Record, deadline: float) -> None:
+        """Serve one record; returns when it may be committed."""
+        if await self._ledger.dead_lettered(record.topic, record.partition, record.offset):
+            return
+        try:
+            event = parse_event(record.value, dict(record.headers))
+        except InvalidEvent as exc:
+            self._metrics.event(None, "dead_lettered")
+            await self._dead_letter(record, Failure(exc.stage, exc.reason))
+            return
+        ids = {
+            "event_id": event.id,
+            "activity_id": event.data.activity.id,
+            "ticket_id": event.data.activity.ticket_id,
+        }
+        result = route(event, self._directory, self._config.policy)
+        for unresolved in result.unresolved:
+            self._metrics.notification("unknown", "unresolved")
+            log.warning(
+                "unresolved recipient",
+                extra={**ids, "field": unresolved.field, "token": unresolved.token},
+            )
+        for withheld in result.withheld:
+            self._metrics.notification(withheld.kind.value, "withheld")
+            log.info(
+                "supplier mail withheld: personal data", extra={**ids, "kind": withheld.kind.value}
+            )
+        already = await self._ledger.sent([n.key for n in result.notifications])
+        todo = []
+        for n in result.notifications:
+            if n.key in already:
+                self._metrics.notification(n.kind.value, "skipped_duplicate")
+            else:
+                todo.append(n)
+        outcomes = await asyncio.gather(
+            *(self._deliver(n, event, record, deadline) for n in todo), return_exceptions=True
+        )
+        failures: list[Failure] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                self._metrics.event(event.type, "retry_later")
+                raise outcome
+            if outcome is not None:
+                failures.append(outcome)
+        if failures:
+            self._metrics.event(event.type, "dead_lettered")
+            await self._dead_letter(record, *failures)
+        else:
+            self._metrics.event(event.type, "processed")
+
+    async def _deliver(
+        self, n: Notification, event: ActivityEvent, record: Record, deadline: float
+    ) -> Failure | None:
+        kind = n.kind.value
+        ids = {
+            "event_id": event.id,
+            "activity_id": n.activity_id,
+            "ticket_id": n.ticket_id,
+            "kind": kind,
+        }
+        msg_id = message_id(n, self._config.domain)
+        try:
+            data = await self._prepare(n, record, deadline)
+        except (RenderError, AttachmentRefused, AttachmentMissing) as exc:
+            stage = "render" if isinstance(exc, RenderError) else "attachment"
+            return await self._fail(n, msg_id, Failure(stage, f"{kind}: {exc}"), ids)
+        attempt = 0
+        with self._metrics.in_flight():
+            while True:
+                try:
+                    await self._mailer.send(self._config.envelope_from, n.recipient.email, data)
+                    break
+                except PermanentSmtpError as exc:
+                    return await self._fail(n, msg_id, Failure("smtp", f"{kind}: {exc}"), ids)
+                except TransientSmtpError as exc:
+                    self._metrics.notification(kind, "failed_transient")
+                    log.warning(
+                        "transient smtp failure, retrying",
+                        extra={**ids, "attempt": attempt, "reason": str(exc)},
+                    )
+                    await self._backoff(attempt, deadline)
+                    attempt += 1
+        await self._ledger.record(Entry(n.key, "sent", msg_id))
+        self._metrics.notification(kind, "sent")
+        self._metrics.delivered(event.time)
+        log.info("sent", extra={**ids, "message_id": msg_id})
+        return None
+
+    async def _prepare(self, n: Notification, record: Record, deadline: float) -> bytes:
+        with self._metrics.render_timer():
+            mail = self._renderer.render(n)
+        attempt = 0
+        while True:
+            try:
+                attachments = self._store.load(n.attachments)
+                break
+            except AttachmentMissing:
+                # A file may be uploaded just after its event: wait for it, measured from
+                # the record's timestamp so redeliveries do not restart the clock.
+                written = (record.timestamp_ms or 0) / 1000
+                if time.time() - written > self._config.attachment_wait:
+                    raise
+                await self._backoff(attempt, deadline)
+                attempt += 1
+        return build_message(
+            n,
+            mail,
+            sender=self._config.sender,
+            reply_to=self._config.reply_to,
+            domain=self._config.domain,
+            attachments=attachments,
+            date=datetime.now(UTC),
+        )
+
+    async def _fail(
+        self, n: Notification, msg_id: str, failure: Failure, ids: dict[str, str]
+    ) -> Failure:
+        await self._ledger.record(Entry(n.key, "failed", msg_id))
+        self._metrics.notification(n.kind.value, "failed_permanent")
+        log.error("permanent failure", extra={**ids, "stage": failure.stage})
+        return failure
+
+    async def _backoff(self, attempt: int, deadline: float) -> None:
+        """Capped exponential backoff with full jitter; RetryLater past the budget."""
+        self._metrics.retry()
+        delay = min(self._config.retry_max, self._config.retry_initial * 2**attempt)
+        delay = random.uniform(delay / 2, delay)
+        if self._stopping.is_set() or time.monotonic() + delay > deadline:
+            raise RetryLater
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        except TimeoutError:
+            return
+        raise RetryLater
+
+    async def _dead_letter(self, record: Record, *failures: Failure) -> None:
+        stage = failures[0].stage
+        reason = "; ".join(f.reason for f in failures)[:900]
+        await self._dead_letters.send(record, stage, reason)
+        await self._ledger.record_dead_letter(record.topic, record.partition, record.offset, stage)
+        self._metrics.dead_letter(stage)
+        log.error(
+            "dead-lettered",
+            extra={
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "stage": stage,
+            },
+        )

@@ -1,0 +1,140 @@
+"""Prometheus metrics of the notifier; labels are bounded sets, never ids or addresses."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from service import __version__
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
+
+EVENT_TYPES = frozenset({"ticketActivity.created", "ticketActivity.updated"})
+
+
+class Metrics:
+    """Every metric the service exports, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter(
+            "notifier_events",
+            "Kafka records consumed, by event type and outcome.",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "notifier_notifications",
+            "Notifications by kind and outcome.",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "notifier_dead_letters",
+            "Records sent to the dead-letter topic, by stage.",
+            ["stage"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "notifier_retries", "Backoff waits before a retry.", registry=registry
+        )
+        self.smtp_send_seconds = Histogram(
+            "notifier_smtp_send_seconds",
+            "Time to hand one message to the SMTP server.",
+            ["outcome"],
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.render_seconds = Histogram(
+            "notifier_render_seconds",
+            "Time to render one notification's templates.",
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.latency_seconds = Histogram(
+            "notifier_delivery_latency_seconds",
+            "From the event's time to the SMTP server's acceptance.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "notifier_consumer_lag",
+            "Records behind the partition's end.",
+            ["partition"],
+            registry=registry,
+        )
+        self.in_flight_gauge = Gauge(
+            "notifier_in_flight_notifications",
+            "Notifications being sent now.",
+            registry=registry,
+        )
+        self.pool_size = Gauge(
+            "notifier_smtp_pool_size", "Configured SMTP connections.", registry=registry
+        )
+        self.pool_connections = Gauge(
+            "notifier_smtp_pool_connections",
+            "SMTP connections by state.",
+            ["state"],
+            registry=registry,
+        )
+        self.build = Info("notifier_build", "Version of the notifier.", registry=registry)
+        self.build.info({"version": __version__, "python": platform.python_version()})
+        for kind in ("customer_content", "customer_update", "staff", "supplier"):
+            for outcome in ("sent", "failed_permanent"):
+                self.notifications.labels(kind, outcome)
+        for stage in ("decode", "cloudevent", "type", "activity", "render", "attachment", "smtp"):
+            self.dead_letters.labels(stage)
+
+    def event(self, event_type: str | None, outcome: str) -> None:
+        label = event_type if event_type in EVENT_TYPES else "invalid"
+        self.events.labels(label, outcome).inc()
+
+    def notification(self, kind: str, outcome: str) -> None:
+        self.notifications.labels(kind, outcome).inc()
+
+    def dead_letter(self, stage: str) -> None:
+        self.dead_letters.labels(stage).inc()
+
+    def retry(self) -> None:
+        self.retries.inc()
+
+    def delivered(self, event_time: datetime | None) -> None:
+        if event_time is None:
+            return
+        if event_time.tzinfo is None:
+            event_time = event_time.replace(tzinfo=UTC)
+        elapsed = (datetime.now(UTC) - event_time).total_seconds()
+        self.latency_seconds.observe(max(elapsed, 0.0))
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        self.in_flight_gauge.inc()
+        try:
+            yield
+        finally:
+            self.in_flight_gauge.dec()
+
+    @contextlib.contextmanager
+    def render_timer(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.render_seconds.observe(time.perf_counter() - started)
+
+    # PoolObserver of service.mail
+    def connections(self, open_count: int, busy_count: int) -> None:
+        self.pool_connections.labels("open").set(open_count)
+        self.pool_connections.labels("busy").set(busy_count)
+
+    def send_finished(self, seconds: float, outcome: str) -> None:
+        self.smtp_send_seconds.labels(outcome).observe(seconds)
+
+    def lag(self, partition: int, records_behind: int) -> None:
+        self.consumer_lag.labels(str(partition)).set(records_behind)

@@ -1,0 +1,67 @@
+"""`notifier preview`: every mail an event would produce, without Kafka or SMTP."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from service.app import build_parts
+from service.attachments import AttachmentMissing, AttachmentRefused
+from service.events import InvalidEvent, parse_event
+from service.message import Attachment, build_message, message_id
+from service.routing import RoutingPolicy, route
+from service.settings import Settings
+
+
+def preview(settings: Settings, event_file: Path, out: Path | None) -> int:
+    """Print (or write into `out` as .eml and .html) each mail; 1 when the event is invalid."""
+    parts = build_parts(settings)
+    raw = sys.stdin.buffer.read() if str(event_file) == "-" else event_file.read_bytes()
+    try:
+        event = parse_event(raw, {})
+    except InvalidEvent as exc:
+        print(f"invalid event ({exc.stage}): {exc.reason}", file=sys.stderr)
+        return 1
+    policy = RoutingPolicy(
+        suppliers_may_receive_personal_data=settings.suppliers_may_receive_personal_data
+    )
+    result = route(event, parts.directory, policy)
+    for unresolved in result.unresolved:
+        print(f"# unresolved {unresolved.field}: {unresolved.token}", file=sys.stderr)
+    for withheld in result.withheld:
+        print(
+            f"# withheld (personal data): {withheld.kind.value} to {withheld.recipient.email}",
+            file=sys.stderr,
+        )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for index, n in enumerate(result.notifications, start=1):
+        mail = parts.renderer.render(n)
+        attachments: list[Attachment] = []
+        try:
+            attachments = parts.store.load(n.attachments)
+        except (AttachmentMissing, AttachmentRefused) as exc:
+            print(f"# {n.kind.value}: attachments not loaded: {exc}", file=sys.stderr)
+        data = build_message(
+            n,
+            mail,
+            sender=settings.mail_from,
+            reply_to=settings.reply_to,
+            domain=settings.mail_domain,
+            attachments=attachments,
+            date=datetime.now(UTC),
+        )
+        label = f"{index:02d}-{n.kind.value}-{n.recipient.email}"
+        if out is None:
+            print(f"# {label}  {message_id(n, settings.mail_domain)}")
+            sys.stdout.write(data.decode("ascii", errors="replace").replace("\r\n", "\n"))
+            print()
+        else:
+            safe = "".join(ch if ch.isalnum() or ch in "-_.@" else "_" for ch in label)
+            (out / f"{safe}.eml").write_bytes(data)
+            (out / f"{safe}.html").write_text(mail.html, encoding="utf-8")
+            print(out / f"{safe}.eml")
+    if not result.notifications:
+        print("# this event produces no mail", file=sys.stderr)
+    return 0

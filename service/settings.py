@@ -1,0 +1,126 @@
+"""Settings from NOTIFY_* environment variables, validated once at start-up."""
+
+from __future__ import annotations
+
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "NOTIFY_"
+
+
+def default_templates_dir() -> Path:
+    """The templates shipped with the package, else the repository's `templates/`."""
+    packaged = Path(__file__).parent / "templates"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; the field name upper-cased with NOTIFY_ is the variable."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Kafka
+    kafka_bootstrap_servers: str = "localhost:9092"
+    topic: str = "ticket-activities"
+    dlq_topic: str = "ticket-activities.dlq"
+    group_id: str = "ticket-notifier"
+    batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    graceful_timeout_seconds: float = Field(default=20.0, gt=0)
+
+    # SMTP
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_security: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0)
+    smtp_pool_size: int = Field(default=8, ge=1, le=256)
+
+    # Mail
+    mail_from: str = "Helpdesk <helpdesk@localhost>"
+    reply_to: str | None = None
+    message_id_domain: str | None = None
+
+    # Files
+    directory_file: Path | None = None
+    attachments_dir: Path = Path("attachments")
+    templates_dir: Path = Field(default_factory=default_templates_dir)
+    ledger_url: str = "sqlite:///var/ledger.sqlite3"
+    max_attachment_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_mail_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
+    attachment_wait_seconds: float = Field(default=300.0, ge=0)
+
+    # Policy and delivery
+    suppliers_may_receive_personal_data: bool = False
+    concurrency: int = Field(default=64, ge=1, le=4096)
+    retry_initial_seconds: float = Field(default=0.5, gt=0)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
+    retry_budget_seconds: float = Field(default=120.0, gt=0)
+
+    # Operations
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("mail_from", "reply_to")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if any(ch in value for ch in "\r\n\0"):
+            raise ValueError("must be one line")
+        _, address = parseaddr(value)
+        if "@" not in address:
+            raise ValueError(f"not an e-mail address: {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _budget_fits_poll_interval(self) -> Settings:
+        # The batch handler retries in process; it must hand control back to the poll
+        # loop well before max.poll.interval.ms or the group evicts the consumer.
+        if self.retry_budget_seconds * 1000 >= self.max_poll_interval_ms * 0.8:
+            raise ValueError(
+                "NOTIFY_RETRY_BUDGET_SECONDS must stay below 80% of NOTIFY_MAX_POLL_INTERVAL_MS"
+            )
+        if self.ledger_url.split("://", 1)[0] not in {"sqlite", "memory"}:
+            raise ValueError("NOTIFY_LEDGER_URL: only sqlite:///PATH and memory:// are supported")
+        return self
+
+    @property
+    def envelope_from(self) -> str:
+        """The bare address of NOTIFY_MAIL_FROM, for the SMTP envelope."""
+        return parseaddr(self.mail_from)[1]
+
+    @property
+    def mail_domain(self) -> str:
+        """The domain under which Message-IDs are minted."""
+        return self.message_id_domain or self.envelope_from.rpartition("@")[2] or "localhost"
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message is one line naming it."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's report into one line that names the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(part) for part in error["loc"]]
+        message = str(error["msg"])
+        if loc:
+            name = ENV_PREFIX + loc[0].upper()
+            raise SettingsError(f"{name}: {message}") from None
+        raise SettingsError(message.removeprefix("Value error, ")) from None

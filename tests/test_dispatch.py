@@ -1,0 +1,290 @@
+"""The dispatcher with fakes at its edges: what is sent, recorded, retried and dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.attachments import DirectoryAttachmentStore
+from service.directory import Directory
+from service.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
+from service.ledger import SqliteLedger
+from service.mail import PermanentSmtpError, TransientSmtpError
+from service.metrics import Metrics
+from service.render import Renderer
+from service.settings import default_templates_dir
+
+CUSTOMER = "dana@customer.test"
+
+
+class FakeMailer:
+    """Accepts everything unless told otherwise; keeps what it accepted."""
+
+    def __init__(self) -> None:
+        self.accepted: list[tuple[str, bytes]] = []
+        self.permanent: set[str] = set()
+        self.transient_left = 0
+        self.always_transient = False
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        await asyncio.sleep(0)
+        if recipient in self.permanent:
+            raise PermanentSmtpError(550, "no such user")
+        if self.always_transient:
+            raise TransientSmtpError("421 try later")
+        if self.transient_left > 0:
+            self.transient_left -= 1
+            raise TransientSmtpError("451 busy")
+        self.accepted.append((recipient, message))
+
+
+class FakeDeadLetters:
+    def __init__(self) -> None:
+        self.sent: list[tuple[Record, str, str]] = []
+
+    async def send(self, record: Record, stage: str, reason: str) -> None:
+        self.sent.append((record, stage, reason))
+
+
+def activity(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": "5001",
+        "ticketID": "1042",
+        "sendContentByEmail": "Yes",
+        "activityText": "Your printer is fixed.",
+    }
+    base.update(fields)
+    return base
+
+
+def event_bytes(act: dict[str, Any], *, type_: str = "ticketActivity.created") -> bytes:
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": f"ev-{act['id']}-{type_}",
+            "source": "/backend/api/v1/ticketActivities",
+            "type": type_,
+            "subject": act["ticketID"],
+            "time": "2026-11-27T09:15:00Z",
+            "datacontenttype": "application/json",
+            "data": {
+                "activity": act,
+                "ticket": {
+                    "id": act["ticketID"],
+                    "reference": f"T-{act['ticketID']}",
+                    "subject": "Printer on floor 3 jams",
+                    "customer": {"name": "Dana Smith", "email": CUSTOMER, "locale": "de"},
+                },
+            },
+        }
+    ).encode()
+
+
+_offsets = iter(range(10**9))
+
+
+def record(value: bytes | None, key: bytes = b"1042", partition: int = 0) -> Record:
+    return Record("t", partition, next(_offsets), key, value, (), int(time.time() * 1000))
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, **config: Any) -> None:
+        self.mailer = FakeMailer()
+        self.dlq = FakeDeadLetters()
+        self.ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+        self.metrics = Metrics(CollectorRegistry())
+        (tmp_path / "store").mkdir(exist_ok=True)
+        self.store_dir = tmp_path / "store"
+        defaults: dict[str, Any] = {
+            "sender": "Helpdesk <helpdesk@helpdesk.test>",
+            "envelope_from": "helpdesk@helpdesk.test",
+            "reply_to": None,
+            "domain": "helpdesk.test",
+            "retry_initial": 0.001,
+            "retry_max": 0.01,
+            "retry_budget": 2.0,
+        }
+        defaults.update(config)
+        self.dispatcher = Dispatcher(
+            config=DeliveryConfig(**defaults),
+            directory=Directory.empty(),
+            renderer=Renderer(default_templates_dir()),
+            store=DirectoryAttachmentStore(self.store_dir, 10_000_000, 20_000_000),
+            ledger=self.ledger,
+            mailer=self.mailer,
+            dead_letters=self.dlq,
+            metrics=self.metrics,
+        )
+
+    def count(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> Any:
+    r = Rig(tmp_path)
+    await r.ledger.open()
+    yield r
+    await r.ledger.close()
+
+
+async def test_good_event_sends_one_mail_and_records_it(rig: Rig) -> None:
+    await rig.dispatcher.handle_batch([record(event_bytes(activity()))])
+    assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]
+    assert await rig.ledger.sent([("5001", "customer_content", CUSTOMER)])
+    assert rig.count("notifier_notifications_total", kind="customer_content", outcome="sent") == 1
+    assert rig.dlq.sent == []
+
+
+async def test_redelivery_sends_nothing_twice(rig: Rig) -> None:
+    value = event_bytes(activity())
+    await rig.dispatcher.handle_batch([record(value)])
+    await rig.dispatcher.handle_batch([record(value)])
+    assert len(rig.mailer.accepted) == 1
+    assert (
+        rig.count(
+            "notifier_notifications_total", kind="customer_content", outcome="skipped_duplicate"
+        )
+        == 1
+    )
+
+
+async def test_update_sends_only_what_was_not_sent(rig: Rig) -> None:
+    first = activity(updateText="Technician booked.", sendUpdateByEmail="No")
+    await rig.dispatcher.handle_batch([record(event_bytes(first))])
+    edited = activity(
+        activityText="Edited text", updateText="Technician booked.", sendUpdateByEmail="Yes"
+    )
+    await rig.dispatcher.handle_batch([record(event_bytes(edited, type_="ticketActivity.updated"))])
+    kinds = [message for _, message in rig.mailer.accepted]
+    assert len(kinds) == 2
+    assert b"Edited text" not in kinds[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "stage"),
+    [
+        (b"not json", "decode"),
+        (b'{"hello": "world"}', "cloudevent"),
+        (
+            event_bytes(activity()).replace(b"ticketActivity.created", b"ticketActivity.deleted"),
+            "type",
+        ),
+        (event_bytes(activity(sendContentByEmail="maybe")), "activity"),
+    ],
+)
+async def test_poison_goes_to_dead_letters_and_the_batch_goes_on(
+    rig: Rig, value: bytes, stage: str
+) -> None:
+    good = activity(id="6000")
+    await rig.dispatcher.handle_batch([record(value, key=b"x"), record(event_bytes(good))])
+    assert [(s) for _, s, _ in rig.dlq.sent] == [stage]
+    assert len(rig.mailer.accepted) == 1
+    assert rig.count("notifier_dead_letters_total", stage=stage) == 1
+
+
+async def test_dead_lettered_record_is_not_dead_lettered_again(rig: Rig) -> None:
+    poison = record(b"{{{")
+    await rig.dispatcher.handle_batch([poison])
+    await rig.dispatcher.handle_batch([poison])
+    assert len(rig.dlq.sent) == 1
+
+
+async def test_permanent_failure_spares_the_other_recipients(rig: Rig) -> None:
+    act = activity(activityUsers="alice@helpdesk.test, bob@helpdesk.test")
+    rig.mailer.permanent.add("alice@helpdesk.test")
+    await rig.dispatcher.handle_batch([record(event_bytes(act))])
+    assert sorted(to for to, _ in rig.mailer.accepted) == ["bob@helpdesk.test", CUSTOMER]
+    [(_, stage, reason)] = rig.dlq.sent
+    assert stage == "smtp"
+    assert "550" in reason
+    assert "alice" not in reason
+    assert await rig.ledger.status(("5001", "staff", "alice@helpdesk.test")) is not None
+
+
+async def test_transient_failures_are_retried(rig: Rig) -> None:
+    rig.mailer.transient_left = 3
+    await rig.dispatcher.handle_batch([record(event_bytes(activity()))])
+    assert len(rig.mailer.accepted) == 1
+    assert rig.count("notifier_retries_total") == 3
+
+
+async def test_outage_beyond_the_budget_asks_for_a_rewind(tmp_path: Path) -> None:
+    r = Rig(tmp_path, retry_budget=0.05)
+    await r.ledger.open()
+    r.mailer.always_transient = True
+    with pytest.raises(RetryLater):
+        await r.dispatcher.handle_batch([record(event_bytes(activity()))])
+    assert not await r.ledger.sent([("5001", "customer_content", CUSTOMER)])
+    r.mailer.always_transient = False
+    await r.dispatcher.handle_batch([record(event_bytes(activity()))])
+    assert len(r.mailer.accepted) == 1
+    await r.ledger.close()
+
+
+async def test_stop_abandons_retries_at_once(tmp_path: Path) -> None:
+    r = Rig(tmp_path, retry_initial=5.0, retry_max=5.0, retry_budget=60.0)
+    await r.ledger.open()
+    r.mailer.always_transient = True
+    task = asyncio.create_task(r.dispatcher.handle_batch([record(event_bytes(activity()))]))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    r.dispatcher.stop()
+    with pytest.raises(RetryLater):
+        await task
+    assert time.monotonic() - started < 1.0
+    await r.ledger.close()
+
+
+async def test_missing_attachment_waits_then_dead_letters(tmp_path: Path) -> None:
+    r = Rig(tmp_path, attachment_wait=0.0)
+    await r.ledger.open()
+    act = activity(invoiceAttachments="invoices/INV-1.pdf")
+    await r.dispatcher.handle_batch([record(event_bytes(act))])
+    assert r.mailer.accepted == []
+    [(_, stage, _)] = r.dlq.sent
+    assert stage == "attachment"
+    await r.ledger.close()
+
+
+async def test_missing_attachment_within_the_wait_is_retried_later(tmp_path: Path) -> None:
+    r = Rig(tmp_path, attachment_wait=3600.0, retry_budget=0.05)
+    await r.ledger.open()
+    act = activity(invoiceAttachments="invoices/INV-1.pdf")
+    with pytest.raises(RetryLater):
+        await r.dispatcher.handle_batch([record(event_bytes(act))])
+    (r.store_dir / "invoices").mkdir()
+    (r.store_dir / "invoices" / "INV-1.pdf").write_bytes(b"%PDF-1.4 invoice")
+    await r.dispatcher.handle_batch([record(event_bytes(act))])
+    [(_, message)] = r.mailer.accepted
+    assert b"INV-1.pdf" in message
+    assert r.dlq.sent == []
+    await r.ledger.close()
+
+
+async def test_attachment_outside_the_store_is_refused(rig: Rig) -> None:
+    act = activity(standardTicketAttachments="../../etc/passwd")
+    await rig.dispatcher.handle_batch([record(event_bytes(act))])
+    assert rig.mailer.accepted == []
+    assert [stage for _, stage, _ in rig.dlq.sent] == ["attachment"]
+
+
+async def test_one_ticket_is_served_in_order(rig: Rig) -> None:
+    records = [
+        record(event_bytes(activity(id=str(7000 + i), activityText=f"step {i}"))) for i in range(20)
+    ]
+    await rig.dispatcher.handle_batch(records)
+    ids = [
+        message.split(b"Message-ID:", 1)[1].split(b"\r\n", 1)[0]
+        for _, message in rig.mailer.accepted
+    ]
+    assert len(ids) == 20
+    for i, header in enumerate(ids):
+        assert str(7000 + i).encode() in header

@@ -1,0 +1,77 @@
+"""Settings: defaults from the contract, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import Settings, SettingsError, load_settings
+
+
+def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("NOTIFY_"):
+            monkeypatch.delenv(name)
+    settings = load_settings()
+    assert settings.kafka_bootstrap_servers == "localhost:9092"
+    assert settings.topic == "ticket-activities"
+    assert settings.dlq_topic == "ticket-activities.dlq"
+    assert settings.group_id == "ticket-notifier"
+    assert settings.http_port == 8000
+    assert settings.smtp_security == "none"
+    assert settings.suppliers_may_receive_personal_data is False
+
+
+def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SMTP_PORT", "2525")
+    monkeypatch.setenv("NOTIFY_SMTP_SECURITY", "starttls")
+    monkeypatch.setenv("NOTIFY_SUPPLIERS_MAY_RECEIVE_PERSONAL_DATA", "true")
+    monkeypatch.setenv("NOTIFY_MAIL_FROM", "Support <support@example.test>")
+    settings = load_settings()
+    assert settings.smtp_port == 2525
+    assert settings.smtp_security == "starttls"
+    assert settings.suppliers_may_receive_personal_data is True
+    assert settings.envelope_from == "support@example.test"
+    assert settings.mail_domain == "example.test"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NOTIFY_SMTP_PORT", "not-a-port"),
+        ("NOTIFY_SMTP_PORT", "70000"),
+        ("NOTIFY_SMTP_SECURITY", "ssl3"),
+        ("NOTIFY_MAIL_FROM", "nobody"),
+        ("NOTIFY_HTTP_PORT", "-1"),
+        ("NOTIFY_SUPPLIERS_MAY_RECEIVE_PERSONAL_DATA", "perhaps"),
+    ],
+)
+def test_bad_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"{name}:")
+    assert "\n" not in message
+
+
+def test_mail_from_cannot_carry_newlines() -> None:
+    with pytest.raises(SettingsError, match="NOTIFY_MAIL_FROM"):
+        load_settings(mail_from="a@b.test\r\nBcc: x@y.test")
+
+
+def test_retry_budget_must_fit_the_poll_interval() -> None:
+    with pytest.raises(SettingsError, match="NOTIFY_RETRY_BUDGET_SECONDS"):
+        load_settings(retry_budget_seconds=290, max_poll_interval_ms=300_000)
+
+
+def test_ledger_url_scheme_is_checked() -> None:
+    with pytest.raises(SettingsError, match="NOTIFY_LEDGER_URL"):
+        load_settings(ledger_url="postgres://db/ledger")
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(Exception):
+        settings.topic = "other"  # type: ignore[misc]
