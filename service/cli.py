@@ -71,6 +71,17 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    from service.asyncapi import asyncapi_yaml
+
+    text = asyncapi_yaml()
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from service.devstack import main as dev_main
 
@@ -97,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--limit", type=int, default=None, help="replay at most this many")
     rep.add_argument("--dry-run", action="store_true", help="count, send nothing, commit nothing")
     rep.set_defaults(func=cmd_dlq_replay)
+
+    spec = sub.add_parser("asyncapi", help="print the AsyncAPI document of the topics")
+    spec.add_argument("--out", help="write it to this file (docs/asyncapi.yaml)")
+    spec.set_defaults(func=cmd_asyncapi)
 
     dev = sub.add_parser("dev", help="local Kafka broker and SMTP capture (see README)")
     dev.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,0 +1,100 @@
+"""Run the service in this process (uvicorn + FastStream) for integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from aiokafka import AIOKafkaProducer
+
+from service.app import create_app
+from service.devstack import free_port
+from service.settings import Settings, load_settings
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def service_settings(
+    tmp_path: Path, *, bootstrap: str, topic: str, smtp_port: int, **overrides: Any
+) -> Settings:
+    """Settings for a test service on loopback with the example directory and attachments."""
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "topic": topic,
+        "dlq_topic": f"{topic}.dlq",
+        "group_id": f"{topic}-notifier",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": smtp_port,
+        "mail_from": "Helpdesk <helpdesk@helpdesk.test>",
+        "reply_to": "support@helpdesk.test",
+        "directory_file": EXAMPLES / "directory.yaml",
+        "attachments_dir": EXAMPLES / "attachments",
+        "ledger_url": f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+        "http_port": free_port(),
+        "retry_initial_seconds": 0.05,
+        "retry_max_seconds": 0.5,
+        "retry_budget_seconds": 5.0,
+        "session_timeout_ms": 6000,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[str]:
+    """Serve the app until the block ends; yields its base URL once /healthz answers."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=settings.http_port, lifespan="on", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                if task.done():
+                    task.result()
+                    raise RuntimeError("service stopped during start-up")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{base}/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise TimeoutError("service did not answer /healthz")
+        yield base
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def publish(
+    bootstrap: str, topic: str, events: list[Mapping[str, Any] | bytes], key: bytes | None = None
+) -> None:
+    """Publish CloudEvents (structured mode) keyed by their ticket id, in order."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for event in events:
+            if isinstance(event, bytes):
+                await producer.send_and_wait(topic, value=event, key=key)
+                continue
+            ticket = str(event["data"]["activity"]["ticketID"]).encode()
+            await producer.send_and_wait(
+                topic,
+                value=json.dumps(event).encode(),
+                key=key or ticket,
+                headers=[("content-type", b"application/cloudevents+json")],
+            )
+    finally:
+        await producer.stop()
+
+
+def example_events() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((EXAMPLES / "events").glob("*.json"))]

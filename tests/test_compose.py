@@ -1,0 +1,89 @@
+"""docker-compose.yml agrees with the settings model, the Dockerfile and the deploy files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.settings import ENV_PREFIX, Settings, load_settings
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def notifier_env(compose: dict[str, Any]) -> dict[str, str]:
+    env = compose["services"]["notifier"]["environment"]
+    assert isinstance(env, dict)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def test_every_notify_variable_is_a_setting(compose: dict[str, Any]) -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    env = notifier_env(compose)
+    assert env, "the notifier service sets no environment"
+    unknown = {name for name in env if name.startswith(ENV_PREFIX)} - known
+    assert unknown == set()
+
+
+def test_the_compose_environment_validates(compose: dict[str, Any]) -> None:
+    env = notifier_env(compose)
+    values = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()}
+    settings = load_settings(**values)
+    assert settings.smtp_host == "mailpit"
+
+
+def _container_ports(service: dict[str, Any]) -> set[int]:
+    ports = set()
+    for mapping in service.get("ports", []):
+        ports.add(int(str(mapping).rsplit(":", 1)[1]))
+    return ports
+
+
+def test_ports_line_up(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    env = notifier_env(compose)
+    http_port = int(env["NOTIFY_HTTP_PORT"])
+    assert http_port in _container_ports(services["notifier"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(rf"^EXPOSE {http_port}$", dockerfile, re.M)
+
+    assert env["NOTIFY_SMTP_HOST"] == "mailpit"
+    assert int(env["NOTIFY_SMTP_PORT"]) == 1025  # Mailpit's SMTP port
+
+    host, port = env["NOTIFY_KAFKA_BOOTSTRAP_SERVERS"].split(":")
+    assert host == "kafka"
+    kafka_env = services["kafka"]["environment"]
+    assert f"PLAINTEXT://kafka:{port}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"PLAINTEXT://:{port}" in kafka_env["KAFKA_LISTENERS"]
+
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = [
+        target
+        for job in scrape["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    ]
+    assert f"notifier:{http_port}" in targets
+
+
+def test_mounted_files_exist(compose: dict[str, Any]) -> None:
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+    env = notifier_env(compose)
+    # Paths inside the image are the repository's paths under /app.
+    for name in ("NOTIFY_DIRECTORY_FILE", "NOTIFY_ATTACHMENTS_DIR", "NOTIFY_TEMPLATES_DIR"):
+        assert env[name].startswith("/app/")
+        assert (ROOT / env[name].removeprefix("/app/")).exists(), name
