@@ -35,11 +35,25 @@ LAG_INTERVAL_SECONDS = 10.0
 class KafkaDeadLetters:
     """Publishes dead letters with the original key, value and headers plus the reason."""
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
-        self._producer = producer
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        self._bootstrap_servers = bootstrap_servers
         self._topic = topic
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        # aiokafka binds a producer to the running loop, so it is made here, not earlier.
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap_servers, acks="all", enable_idempotence=True
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
 
     async def send(self, record: Record, stage: str, reason: str) -> None:
+        if self._producer is None:
+            raise RuntimeError("dead-letter producer not started")
         headers = [
             *((k, v) for k, v in record.headers if not k.startswith("x-error-")),
             ("x-error-stage", stage.encode()),
@@ -177,13 +191,15 @@ def create_app(settings: Settings) -> AsgiFastStream:
         middlewares=[KafkaPrometheusMiddleware(registry=registry, app_name="notifier")],
         graceful_timeout=settings.graceful_timeout_seconds,
         client_id="ticket-notifier",
+        # FastStream's per-message "Received"/"Processed" lines go through our JSON
+        # logging, at DEBUG: the dispatcher logs each outcome with its ids at INFO.
+        logger=logging.getLogger("service.kafka"),
+        log_level=logging.DEBUG,
     )
     pool = SmtpPool(smtp_config(settings), observer=metrics)
     metrics.pool_size.set(settings.smtp_pool_size)
     ledger = SqliteLedger.from_url(settings.ledger_url)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True
-    )
+    dead_letters = KafkaDeadLetters(settings.kafka_bootstrap_servers, settings.dlq_topic)
     dispatcher = Dispatcher(
         config=delivery_config(settings),
         directory=parts.directory,
@@ -191,7 +207,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         store=parts.store,
         ledger=ledger,
         mailer=pool,
-        dead_letters=KafkaDeadLetters(producer, settings.dlq_topic),
+        dead_letters=dead_letters,
         metrics=metrics,
     )
     subscriber = broker.subscriber(
@@ -232,7 +248,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
 
     async def start() -> None:
         await ledger.open()
-        await producer.start()
+        await dead_letters.start()
         tasks.append(asyncio.create_task(report_lag()))
 
     async def stop_consuming() -> None:
@@ -241,7 +257,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
     async def stop() -> None:
         for task in tasks:
             task.cancel()
-        await producer.stop()
+        await dead_letters.stop()
         await pool.close()
         await ledger.close()
 
@@ -267,6 +283,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
             ("/readyz", readyz),
             ("/metrics", make_asgi_app(registry)),
         ],
+        logger=logging.getLogger("service.app"),
         on_startup=[start],
         on_shutdown=[stop_consuming],
         after_shutdown=[stop],

@@ -33,7 +33,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     asyncio.run(
         app.run(
             log_level=20,
-            run_extra_options={"host": settings.http_host, "port": settings.http_port},
+            # log_config None: uvicorn keeps our JSON logging instead of installing its own.
+            run_extra_options={
+                "host": settings.http_host,
+                "port": settings.http_port,
+                "log_config": None,
+                "access_log": False,
+            },
         )
     )
     return 0
@@ -108,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--limit", type=int, default=None, help="replay at most this many")
     rep.add_argument("--dry-run", action="store_true", help="count, send nothing, commit nothing")
     rep.set_defaults(func=cmd_dlq_replay)
+
+    from service.cli_producer import add_producer_commands
+
+    add_producer_commands(sub)
 
     spec = sub.add_parser("asyncapi", help="print the AsyncAPI document of the topics")
     spec.add_argument("--out", help="write it to this file (docs/asyncapi.yaml)")
