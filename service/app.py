@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -243,8 +242,10 @@ def create_app(settings: Settings) -> AsgiFastStream:
             await asyncio.sleep(LAG_INTERVAL_SECONDS)
             consumer = getattr(subscriber, "consumer", None)
             if isinstance(consumer, AIOKafkaConsumer):
-                with contextlib.suppress(Exception):
+                try:
                     await _measure_lag(consumer, metrics)
+                except Exception as exc:  # the next round tries again
+                    log.warning("consumer lag not measured", extra={"error": type(exc).__name__})
 
     async def start() -> None:
         await ledger.open()
@@ -293,8 +294,13 @@ def create_app(settings: Settings) -> AsgiFastStream:
 async def _measure_lag(consumer: AIOKafkaConsumer, metrics: Metrics) -> None:
     partitions: set[TopicPartition] = consumer.assignment()
     if not partitions:
+        metrics.lags({})
         return
     ends = await consumer.end_offsets(list(partitions))
+    starts = await consumer.beginning_offsets(list(partitions))
+    behind = {}
     for tp in partitions:
+        # Nothing committed yet: count from the oldest record retention has kept.
         committed = await consumer.committed(tp)
-        metrics.lag(tp.partition, max(0, ends[tp] - (committed or 0)))
+        behind[tp.partition] = max(0, ends[tp] - (starts[tp] if committed is None else committed))
+    metrics.lags(behind)

@@ -38,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "host": settings.http_host,
                 "port": settings.http_port,
                 "log_config": None,
-                "access_log": False,
+                # FastStream passes it through str.lower(): a string, not a bool.
+                "access_log": "false",
             },
         )
     )

@@ -139,7 +139,7 @@ class Dispatcher:
             event = parse_event(record.value, dict(record.headers))
         except InvalidEvent as exc:
             self._metrics.event(None, "dead_lettered")
-            await self._dead_letter(record, Failure(exc.stage, exc.reason))
+            await self._dead_letter(record, {}, Failure(exc.stage, exc.reason))
             return
         ids = {
             "event_id": event.id,
@@ -163,6 +163,10 @@ class Dispatcher:
         for n in result.notifications:
             if n.key in already:
                 self._metrics.notification(n.kind.value, "skipped_duplicate")
+                log.info(
+                    "already sent",
+                    extra={**ids, "kind": n.kind.value, "outcome": "skipped_duplicate"},
+                )
             else:
                 todo.append(n)
         outcomes = await asyncio.gather(
@@ -177,7 +181,7 @@ class Dispatcher:
                 failures.append(outcome)
         if failures:
             self._metrics.event(event.type, "dead_lettered")
-            await self._dead_letter(record, *failures)
+            await self._dead_letter(record, ids, *failures)
         else:
             self._metrics.event(event.type, "processed")
 
@@ -216,7 +220,7 @@ class Dispatcher:
         await self._ledger.record(Entry(n.key, "sent", msg_id))
         self._metrics.notification(kind, "sent")
         self._metrics.delivered(event.time)
-        log.info("sent", extra={**ids, "message_id": msg_id})
+        log.info("sent", extra={**ids, "outcome": "sent", "message_id": msg_id})
         return None
 
     async def _prepare(self, n: Notification, record: Record, deadline: float) -> bytes:
@@ -250,7 +254,10 @@ class Dispatcher:
     ) -> Failure:
         await self._ledger.record(Entry(n.key, "failed", msg_id))
         self._metrics.notification(n.kind.value, "failed_permanent")
-        log.error("permanent failure", extra={**ids, "stage": failure.stage})
+        log.error(
+            "permanent failure",
+            extra={**ids, "outcome": "failed_permanent", "stage": failure.stage},
+        )
         return failure
 
     async def _backoff(self, attempt: int, deadline: float) -> None:
@@ -266,7 +273,7 @@ class Dispatcher:
             return
         raise RetryLater
 
-    async def _dead_letter(self, record: Record, *failures: Failure) -> None:
+    async def _dead_letter(self, record: Record, ids: dict[str, str], *failures: Failure) -> None:
         stage = failures[0].stage
         reason = "; ".join(f.reason for f in failures)[:900]
         await self._dead_letters.send(record, stage, reason)

@@ -18,6 +18,10 @@ Security = Literal["none", "starttls", "tls"]
 class TransientSmtpError(Exception):
     """Worth retrying: connection trouble, timeouts, 4xx replies (RFC 5321 §4.2.1)."""
 
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+
 
 class PermanentSmtpError(Exception):
     """Not worth retrying: a 5xx reply to this transaction (RFC 5321 §4.2.1)."""
@@ -201,4 +205,4 @@ class SmtpPool:
 def _classify(code: int, message: str) -> Exception:
     if 500 <= code < 600:
         return PermanentSmtpError(code, _short(message))
-    return TransientSmtpError(f"{code} {_short(message)}")
+    return TransientSmtpError(f"{code} {_short(message)}", code)

@@ -8,7 +8,15 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from service import __version__
 
@@ -16,6 +24,17 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
 
 EVENT_TYPES = frozenset({"ticketActivity.created", "ticketActivity.updated"})
+KINDS = ("customer_content", "customer_update", "staff", "supplier")
+NOTIFICATION_OUTCOMES = (
+    "sent",
+    "skipped_duplicate",
+    "withheld",
+    "failed_transient",
+    "failed_permanent",
+)
+EVENT_OUTCOMES = ("processed", "dead_lettered", "retry_later")
+SMTP_OUTCOMES = ("accepted", "transient", "permanent", "error")
+STAGES = ("decode", "cloudevent", "type", "activity", "render", "attachment", "smtp")
 
 
 class Metrics:
@@ -85,11 +104,23 @@ class Metrics:
         )
         self.build = Info("notifier_build", "Version of the notifier.", registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
-        for kind in ("customer_content", "customer_update", "staff", "supplier"):
-            for outcome in ("sent", "failed_permanent"):
+        # Every series exists from the start, so rate() and increase() see the first count.
+        for kind in KINDS:
+            for outcome in NOTIFICATION_OUTCOMES:
                 self.notifications.labels(kind, outcome)
-        for stage in ("decode", "cloudevent", "type", "activity", "render", "attachment", "smtp"):
+        self.notifications.labels("unknown", "unresolved")
+        for event_type in (*sorted(EVENT_TYPES), "invalid"):
+            for outcome in EVENT_OUTCOMES:
+                self.events.labels(event_type, outcome)
+        for outcome in SMTP_OUTCOMES:
+            self.smtp_send_seconds.labels(outcome)
+        for stage in STAGES:
             self.dead_letters.labels(stage)
+        for state in ("open", "busy"):
+            self.pool_connections.labels(state)
+        # Process memory, CPU and file descriptors, in this registry rather than the global.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
 
     def event(self, event_type: str | None, outcome: str) -> None:
         label = event_type if event_type in EVENT_TYPES else "invalid"
@@ -136,5 +167,8 @@ class Metrics:
     def send_finished(self, seconds: float, outcome: str) -> None:
         self.smtp_send_seconds.labels(outcome).observe(seconds)
 
-    def lag(self, partition: int, records_behind: int) -> None:
-        self.consumer_lag.labels(str(partition)).set(records_behind)
+    def lags(self, records_behind: dict[int, int]) -> None:
+        """Replace the lag of every partition: a revoked partition's series goes away."""
+        self.consumer_lag.clear()
+        for partition, behind in records_behind.items():
+            self.consumer_lag.labels(str(partition)).set(behind)
