@@ -1,0 +1,108 @@
+"""The notifier command: start-up refuses bad settings in one line; preview renders mail."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def notifier(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=clean,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"NOTIFY_SMTP_PORT": "twenty-five"}, "NOTIFY_SMTP_PORT"),
+        ({"NOTIFY_SMTP_SECURITY": "ssl"}, "NOTIFY_SMTP_SECURITY"),
+        ({"NOTIFY_DIRECTORY_FILE": "/nonexistent/directory.yaml"}, "NOTIFY_DIRECTORY_FILE"),
+        ({"NOTIFY_TEMPLATES_DIR": "/nonexistent"}, "NOTIFY_TEMPLATES_DIR"),
+        ({"NOTIFY_ATTACHMENTS_DIR": "/nonexistent"}, "NOTIFY_ATTACHMENTS_DIR"),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_line(env: dict[str, str], named: str) -> None:
+    env = {"NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"), **env}
+    result = notifier("run", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+
+
+def test_broken_directory_file_names_the_entry(tmp_path: Path) -> None:
+    directory = tmp_path / "directory.yaml"
+    directory.write_text("users:\n  alice: { name: Alice, email: not-an-address }\n")
+    result = notifier(
+        "run",
+        env={
+            "NOTIFY_DIRECTORY_FILE": str(directory),
+            "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
+        },
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "NOTIFY_DIRECTORY_FILE" in line
+    assert "alice" in line
+
+
+def test_preview_writes_every_mail_of_an_event(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = notifier(
+        "preview",
+        str(EXAMPLES / "events" / "01-customer-content.json"),
+        "--out",
+        str(out),
+        env={
+            "NOTIFY_DIRECTORY_FILE": str(EXAMPLES / "directory.yaml"),
+            "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    emls = sorted(out.glob("*.eml"))
+    assert len(emls) == 3  # customer, bob, carol
+    assert len(sorted(out.glob("*.html"))) == 3
+    recipients = set()
+    for path in emls:
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        recipients.add(str(message["To"].addresses[0].addr_spec))
+        assert message["Subject"] == "[T-1042] Printer on floor 3 jams"
+    assert recipients == {"dana@customer.test", "bob@helpdesk.test", "carol@helpdesk.test"}
+
+
+def test_preview_prints_to_stdout_and_reports_invalid_events(tmp_path: Path) -> None:
+    ok = notifier(
+        "preview",
+        str(EXAMPLES / "events" / "04-supplier-request.json"),
+        env={
+            "NOTIFY_DIRECTORY_FILE": str(EXAMPLES / "directory.yaml"),
+            "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
+        },
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("Subject: [T-1042] Printer on floor 3 jams") == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"specversion": "1.0"}')
+    result = notifier(
+        "preview", str(bad), env={"NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments")}
+    )
+    assert result.returncode == 1
+    assert "invalid event (cloudevent)" in result.stderr
