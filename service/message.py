@@ -1,0 +1,178 @@
+"""Pure MIME assembly: one rendered notification (plus attachments) becomes message bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, NamedTuple
+
+from service.mime import (
+    CRLF,
+    AddressError,
+    address,
+    base64_body,
+    filename_params,
+    media_type,
+    split_mailbox,
+    text_body,
+    unstructured,
+)
+
+if TYPE_CHECKING:
+    from service.render import RenderedMail
+    from service.routing import Notification
+
+__all__ = [
+    "AddressError",
+    "Attachment",
+    "ThreadIds",
+    "build_message",
+    "message_id",
+    "thread_ids",
+]
+
+# An id is used verbatim only when it is a short dot-atom (RFC 5322 §3.6.4 id-left); the
+# "h_" prefix is reserved for hashed ids so that no verbatim id can equal a hashed one.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_SAFE_DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One file to attach: its display name, media type and content."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+class ThreadIds(NamedTuple):
+    """The In-Reply-To id and the References ids (oldest first) of one mail."""
+
+    in_reply_to: str
+    references: tuple[str, ...]
+
+
+def _safe_id(value: str) -> str:
+    if len(value) <= 64 and _SAFE_ID.fullmatch(value) and not value.startswith("h_"):
+        return value
+    return "h_" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@lru_cache(maxsize=64)
+def _safe_domain(domain: str) -> str:
+    # The domain is configuration, not input, but a bad one must not break every message.
+    try:
+        ascii_domain = domain.strip().strip(".").encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_domain = ""
+    return ascii_domain if _SAFE_DOMAIN.fullmatch(ascii_domain) else "localhost"
+
+
+def message_id(n: Notification, domain: str) -> str:
+    """`<a.{activity}.{kind}.{hash(recipient)}@domain>`: a re-send carries the same id."""
+    activity_id, kind, recipient = n.key
+    digest = hashlib.sha256(recipient.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"<a.{_safe_id(activity_id)}.{kind}.{digest}@{_safe_domain(domain)}>"
+
+
+def thread_ids(n: Notification, domain: str) -> ThreadIds:
+    """Every mail of a ticket refers to a per-ticket root; a follow-up also to its parent.
+
+    The ids are synthetic (no mail carries them), which is enough: clients thread on
+    References (RFC 5322 §3.6.4, JWZ threading) and keep a placeholder for the root.
+    """
+    host = _safe_domain(domain)
+    root = f"<t.{_safe_id(n.ticket_id)}@{host}>"
+    if not n.parent_activity_id:
+        return ThreadIds(root, (root,))
+    parent = f"<a.{_safe_id(n.parent_activity_id)}@{host}>"
+    return ThreadIds(parent, (root, parent))
+
+
+def build_message(
+    n: Notification,
+    mail: RenderedMail,
+    *,
+    sender: str,
+    reply_to: str | None,
+    domain: str,
+    attachments: Sequence[Attachment],
+    date: datetime,
+) -> bytes:
+    """RFC 5322/2045 message bytes with CRLF line ends; raises AddressError for a bad address.
+
+    multipart/alternative (text first, HTML last: RFC 2046 §5.1.4 puts the preferred
+    version last), wrapped in multipart/mixed when there are attachments.
+    """
+    msg_id = message_id(n, domain)
+    thread = thread_ids(n, domain)
+    if date.tzinfo is None:
+        date = date.replace(tzinfo=UTC)
+    sender_name, sender_addr = split_mailbox(sender)
+    # The boundary starts with "=_", which quoted-printable and base64 can never produce,
+    # so it cannot occur inside any part (RFC 2045 §6.7, RFC 2046 §5.1.1).
+    token = hashlib.sha256(msg_id.encode("ascii")).hexdigest()[:32]
+    alt_boundary = f"=_a.{token}"
+    top_type = f'multipart/alternative;{CRLF} boundary="{alt_boundary}"'
+    if attachments:
+        mixed_boundary = f"=_m.{token}"
+        top_type = f'multipart/mixed;{CRLF} boundary="{mixed_boundary}"'
+
+    head = [
+        f"Date: {format_datetime(date)}{CRLF}",
+        address("From", sender_name, sender_addr),
+    ]
+    if reply_to:
+        head.append(address("Reply-To", *split_mailbox(reply_to)))
+    head += [
+        address("To", n.recipient.name, n.recipient.email),
+        unstructured("Subject", mail.subject),
+        f"Message-ID: {msg_id}{CRLF}",
+        f"In-Reply-To: {thread.in_reply_to}{CRLF}",
+        f"References: {f'{CRLF} '.join(thread.references)}{CRLF}",
+        f"MIME-Version: 1.0{CRLF}",
+        # RFC 3834 §5: automatic responders must not answer auto-generated mail;
+        # X-Auto-Response-Suppress is Exchange's equivalent ([MS-OXCMAIL] 2.2.3.2.20).
+        f"Auto-Submitted: auto-generated{CRLF}",
+        f"X-Auto-Response-Suppress: All{CRLF}",
+        f"Content-Type: {top_type}{CRLF}",
+        CRLF,
+    ]
+    out = bytearray("".join(head).encode("ascii"))
+    if attachments:
+        out += f"--{mixed_boundary}{CRLF}Content-Type: multipart/alternative;{CRLF}".encode("ascii")
+        out += f' boundary="{alt_boundary}"{CRLF}{CRLF}'.encode("ascii")
+    for subtype, text in (("plain", mail.text), ("html", mail.html)):
+        encoding, body = text_body(text)
+        out += (
+            f"--{alt_boundary}{CRLF}Content-Type: text/{subtype}; charset=utf-8{CRLF}"
+            f"Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}"
+        ).encode("ascii")
+        out += body
+        out += b"\r\n"
+    out += f"--{alt_boundary}--{CRLF}".encode("ascii")
+    if attachments:
+        for item in attachments:
+            out += _attachment_head(mixed_boundary, item)
+            out += base64_body(item.data)
+            out += b"\r\n"
+        out += f"--{mixed_boundary}--{CRLF}".encode("ascii")
+    return bytes(out)
+
+
+def _attachment_head(boundary: str, item: Attachment) -> bytes:
+    ctype = media_type(item.content_type)
+    name = filename_params("name", item.filename, extended=False)
+    filename = filename_params("filename", item.filename, extended=True)
+    return (
+        f"--{boundary}{CRLF}"
+        f"Content-Type: {ctype}{name}{CRLF}"
+        f"Content-Disposition: attachment{filename}{CRLF}"
+        f"Content-Transfer-Encoding: base64{CRLF}{CRLF}"
+    ).encode("ascii")

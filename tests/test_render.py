@@ -1,0 +1,249 @@
+"""Tests for service.render: every template renders, data stays data, locales fall back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.render import Renderer, RenderError, format_when, nl2br
+from service.routing import Kind
+from tests.factories import make_notification
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+CUSTOMER_KINDS = (Kind.CUSTOMER_CONTENT, Kind.CUSTOMER_UPDATE)
+
+
+@pytest.fixture(scope="module")
+def renderer() -> Renderer:
+    return Renderer(TEMPLATES)
+
+
+def _copy_templates(tmp_path: Path) -> Path:
+    target = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, target)
+    return target
+
+
+def test_shipped_templates_pass_the_startup_check(renderer: Renderer) -> None:
+    renderer.check()
+    assert {"en", "de"} <= set(renderer.locales)
+
+
+@pytest.mark.parametrize("locale", ["en", "de", "fr", "de-AT", "de_DE", "", "not a locale!"])
+@pytest.mark.parametrize("kind", list(Kind))
+def test_every_kind_renders_in_every_locale(renderer: Renderer, kind: Kind, locale: str) -> None:
+    mail = renderer.render(make_notification(kind, locale=locale))
+    assert mail.subject == "[T-1042] Printer on floor 3 jams"
+    assert "T-1042" in mail.text
+    assert mail.html.lstrip().lower().startswith("<!doctype html>")
+    assert "T-1042" in mail.html
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_locale_folders_are_used_and_unknown_locales_fall_back_to_english(
+    renderer: Renderer, kind: Kind
+) -> None:
+    german = renderer.render(make_notification(kind, locale="de"))
+    austrian = renderer.render(make_notification(kind, locale="de-AT"))
+    french = renderer.render(make_notification(kind, locale="fr"))
+    english = renderer.render(make_notification(kind, locale="en"))
+    assert "Diese Nachricht wurde automatisch" in german.text
+    assert austrian.text == german.text
+    assert french.text == english.text
+    assert "This message was sent automatically" in english.text
+    assert 'lang="de"' in german.html
+    assert 'lang="en"' in french.html
+
+
+def test_a_template_missing_in_a_locale_falls_back_to_english(tmp_path: Path) -> None:
+    root = _copy_templates(tmp_path)
+    (root / "de" / "supplier.html").unlink()
+    renderer = Renderer(root)
+    renderer.check()
+    mail = renderer.render(make_notification(Kind.SUPPLIER, locale="de"))
+    assert "HANDLUNGSBEDARF BIS" in mail.text
+    assert "Action required by" in mail.html
+
+
+def test_a_missing_english_template_fails_the_check(tmp_path: Path) -> None:
+    root = _copy_templates(tmp_path)
+    (root / "en" / "staff.txt").unlink()
+    renderer = Renderer(root)
+    with pytest.raises(RenderError, match=r"staff\.txt"):
+        renderer.check()
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("locale", ["en", "de"])
+def test_activity_text_is_data_never_a_template(
+    renderer: Renderer, kind: Kind, locale: str
+) -> None:
+    evil = "{{ 7*7 }} {% if true %}x{% endif %}\n<script>alert('x')</script> & \"q\""
+    field = "update_text" if kind is Kind.CUSTOMER_UPDATE else "activity_text"
+    mail = renderer.render(make_notification(kind, locale=locale, **{field: evil}))
+    assert evil in mail.text
+    assert "49" not in mail.text
+    assert "{{ 7*7 }} {% if true %}x{% endif %}" in mail.html
+    assert "<script>" not in mail.html
+    assert "&lt;script&gt;alert('x')&lt;/script&gt; &amp;" in mail.html
+
+
+def test_html_turns_newlines_into_br_after_escaping(renderer: Renderer) -> None:
+    text = "line one\r\n<b>line two</b>\nline three"
+    mail = renderer.render(make_notification(Kind.CUSTOMER_CONTENT, activity_text=text))
+    assert "line one<br>\n&lt;b&gt;line two&lt;/b&gt;<br>\nline three" in mail.html
+
+
+def test_nl2br_escapes_each_line() -> None:
+    assert str(nl2br("a<\nb&")) == "a&lt;<br>\nb&amp;"
+
+
+def test_css_is_inlined_and_the_style_block_removed(renderer: Renderer) -> None:
+    mail = renderer.render(make_notification(Kind.STAFF))
+    assert "<style" not in mail.html
+    assert 'style="' in mail.html
+
+
+@pytest.mark.parametrize("locale", ["en", "de"])
+def test_staff_mail_shows_every_field_and_marks_the_comment_internal(
+    renderer: Renderer, locale: str
+) -> None:
+    mail = renderer.render(make_notification(Kind.STAFF, locale=locale, parent_activity_id="5000"))
+    for body in (mail.text, mail.html):
+        assert "E-mail" in body
+        assert "Alice Jones" in body
+        assert "The technician comes on Monday." in body
+        assert "Your ticket is in progress." in body
+        assert "Customer is on the VIP list." in body
+        assert "terms.pdf" in body
+        assert "photo.jpg" in body
+        assert "R-77.pdf" in body
+        assert "standard/terms.pdf" not in body
+    assert ("INTERNAL COMMENT" if locale == "en" else "INTERNER KOMMENTAR") in mail.text
+    assert 'class="internal"' in mail.html
+
+
+@pytest.mark.parametrize("kind", [Kind.CUSTOMER_CONTENT, Kind.CUSTOMER_UPDATE, Kind.SUPPLIER])
+def test_the_comment_never_reaches_customers_or_suppliers(tmp_path: Path, kind: Kind) -> None:
+    # Even a template that asks for the comment gets "" outside staff mail.
+    root = _copy_templates(tmp_path)
+    for locale in ("en", "de"):
+        for suffix in (".txt", ".html"):
+            path = root / locale / f"{kind.value}{suffix}"
+            content = path.read_text(encoding="utf-8")
+            if suffix == ".html":
+                content = content.replace("{% endblock %}", "[{{ comment_text }}]{% endblock %}", 1)
+            else:
+                content += "[{{ comment_text }}]"
+            path.write_text(content, encoding="utf-8")
+    renderer = Renderer(root)
+    n = make_notification(kind, comment_text="SECRET-INTERNAL-NOTE")
+    mail = renderer.render(n)
+    assert "SECRET-INTERNAL-NOTE" not in mail.text + mail.html + mail.subject
+    assert "[]" in mail.text
+
+
+def test_supplier_mail_shows_the_action_required_date_and_time(renderer: Renderer) -> None:
+    mail = renderer.render(make_notification(Kind.SUPPLIER, locale="en"))
+    assert "Dec 1, 2026 14:30" in mail.text
+    assert "Dec 1, 2026 14:30" in mail.html
+    assert "Please send a replacement fuser unit." in mail.text
+    german = renderer.render(make_notification(Kind.SUPPLIER, locale="de"))
+    assert "01.12.2026 14:30" in german.text
+
+
+def test_dates_are_localized(renderer: Renderer) -> None:
+    german = renderer.render(make_notification(Kind.STAFF, locale="de"))
+    english = renderer.render(make_notification(Kind.STAFF, locale="en"))
+    assert "27.11.2026 09:15 UTC" in german.text
+    assert "03.12.2026 09:00" in german.text
+    assert "Nov 27, 2026 09:15 UTC" in english.text
+
+
+def test_format_when() -> None:
+    from babel import Locale
+
+    de = Locale.parse("de")
+    assert format_when(None, None, de) == ""
+    assert format_when(None, dt.time(7, 5), de) == "07:05"
+    assert format_when(dt.date(2026, 1, 2), None, de) == "02.01.2026"
+    assert format_when(dt.datetime(2026, 1, 2, 3, 4), None, de) == "02.01.2026 03:04"
+    tz = dt.timezone(dt.timedelta(hours=-5, minutes=-30))
+    assert format_when(dt.datetime(2026, 1, 2, 3, 4, tzinfo=tz), None, de).endswith("UTC-05:30")
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_subject_is_reference_and_ticket_subject(renderer: Renderer, kind: Kind) -> None:
+    mail = renderer.render(make_notification(kind, ticket_subject="  Drucker\r\n klemmt\x00 "))
+    assert mail.subject == "[T-1042] Drucker klemmt"
+
+
+@pytest.mark.parametrize(("locale", "expected"), [("en", "Ticket 1042"), ("de", "Ticket 1042")])
+def test_empty_ticket_subject_becomes_a_localized_ticket_title(
+    renderer: Renderer, locale: str, expected: str
+) -> None:
+    mail = renderer.render(make_notification(Kind.STAFF, locale=locale, ticket_subject=""))
+    assert mail.subject == f"[T-1042] {expected}"
+
+
+def test_subject_is_never_evaluated(renderer: Renderer) -> None:
+    mail = renderer.render(make_notification(ticket_subject="{{ 7*7 }} <b>"))
+    assert mail.subject == "[T-1042] {{ 7*7 }} <b>"
+
+
+def test_undefined_variables_are_errors(tmp_path: Path) -> None:
+    root = _copy_templates(tmp_path)
+    (root / "en" / "staff.txt").write_text("{{ no_such_variable }}\n", encoding="utf-8")
+    renderer = Renderer(root)
+    with pytest.raises(RenderError, match="'no_such_variable' is undefined") as caught:
+        renderer.render(make_notification(Kind.STAFF, locale="en"))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(RenderError):
+        renderer.check()
+
+
+def test_syntax_errors_stop_construction(tmp_path: Path) -> None:
+    root = _copy_templates(tmp_path)
+    (root / "de" / "customer_update.html").write_text("{% if %}", encoding="utf-8")
+    with pytest.raises(RenderError, match=r"de/customer_update\.html line 1"):
+        Renderer(root)
+
+
+def test_render_errors_carry_no_mail_text(tmp_path: Path) -> None:
+    root = _copy_templates(tmp_path)
+    # An undefined key named by the text itself, and a plain Python error.
+    (root / "en" / "customer_content.txt").write_text("{{ {}[activity_text] }}\n")
+    (root / "en" / "customer_update.txt").write_text("{{ update_text.index('zzz') }}\n")
+    renderer = Renderer(root)
+    for kind, field in (
+        (Kind.CUSTOMER_CONTENT, "activity_text"),
+        (Kind.CUSTOMER_UPDATE, "update_text"),
+    ):
+        n = make_notification(kind, locale="en", **{field: "PRIVATE-TEXT"})
+        with pytest.raises(RenderError) as caught:
+            renderer.render(n)
+        message = str(caught.value)
+        assert "PRIVATE-TEXT" not in message
+        assert "\n" not in message
+        assert caught.value.__cause__ is None
+        assert caught.value.__suppress_context__
+
+
+def test_the_renderer_compiles_templates_once(tmp_path: Path) -> None:
+    root = _copy_templates(tmp_path)
+    renderer = Renderer(root)
+    before = renderer.render(make_notification(locale="en"))
+    (root / "en" / "customer_content.txt").write_text("changed\n", encoding="utf-8")
+    assert renderer.render(make_notification(locale="en")).text == before.text
+
+
+def test_a_locale_folder_babel_does_not_know_still_renders(tmp_path: Path) -> None:
+    root = _copy_templates(tmp_path)
+    shutil.copytree(root / "en", root / "custom")
+    renderer = Renderer(root)
+    renderer.check()
+    mail = renderer.render(make_notification(Kind.STAFF, locale="custom"))
+    assert "Nov 27, 2026" in mail.text
