@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -19,6 +19,7 @@ from service.ledger import Entry, Ledger
 from service.mail import Mailer, PermanentSmtpError, TransientSmtpError
 from service.message import build_message, message_id
 from service.metrics import Metrics
+from service.mime import AddressError
 from service.render import Renderer, RenderError
 from service.routing import Notification, RoutingPolicy, route
 
@@ -72,7 +73,13 @@ class DeliveryConfig:
     attachment_wait: float = 300.0
 
 
-Sleep = Callable[[float], Awaitable[None]]
+def _stage(exc: Exception) -> str:
+    """The x-error-stage of a failure while preparing a message."""
+    if isinstance(exc, RenderError):
+        return "render"
+    if isinstance(exc, AddressError):
+        return "address"
+    return "attachment"
 
 
 class Dispatcher:
@@ -198,9 +205,8 @@ class Dispatcher:
         msg_id = message_id(n, self._config.domain)
         try:
             data = await self._prepare(n, record, deadline)
-        except (RenderError, AttachmentRefused, AttachmentMissing) as exc:
-            stage = "render" if isinstance(exc, RenderError) else "attachment"
-            return await self._fail(n, msg_id, Failure(stage, f"{kind}: {exc}"), ids)
+        except (RenderError, AttachmentRefused, AttachmentMissing, AddressError) as exc:
+            return await self._fail(n, msg_id, Failure(_stage(exc), f"{kind}: {exc}"), ids)
         attempt = 0
         with self._metrics.in_flight():
             while True:

@@ -34,7 +34,7 @@ NOTIFICATION_OUTCOMES = (
 )
 EVENT_OUTCOMES = ("processed", "dead_lettered", "retry_later")
 SMTP_OUTCOMES = ("accepted", "transient", "permanent", "error")
-STAGES = ("decode", "cloudevent", "type", "activity", "render", "attachment", "smtp")
+STAGES = ("decode", "cloudevent", "type", "activity", "render", "attachment", "address", "smtp")
 
 
 class Metrics:

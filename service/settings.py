@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,18 @@ class Settings(BaseSettings):
             raise ValueError(f"not an e-mail address: {value!r}")
         return value
 
+    @field_validator("message_id_domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        # Message-IDs are minted under it (RFC 5322 §3.6.4 id-right): a plain host name.
+        if value is not None and not re.fullmatch(
+            r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+            r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+            value,
+        ):
+            raise ValueError(f"not a host name: {value!r}")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -119,8 +132,8 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = [str(part) for part in error["loc"]]
-        message = str(error["msg"])
+        message = str(error["msg"]).removeprefix("Value error, ")
         if loc:
             name = ENV_PREFIX + loc[0].upper()
             raise SettingsError(f"{name}: {message}") from None
-        raise SettingsError(message.removeprefix("Value error, ")) from None
+        raise SettingsError(message) from None

@@ -288,3 +288,10 @@ async def test_one_ticket_is_served_in_order(rig: Rig) -> None:
     assert len(ids) == 20
     for i, header in enumerate(ids):
         assert str(7000 + i).encode() in header
+
+
+async def test_address_that_cannot_be_written_is_dead_lettered(rig: Rig) -> None:
+    act = activity(activityUsers="ü@helpdesk.test, bob@helpdesk.test")
+    await rig.dispatcher.handle_batch([record(event_bytes(act))])
+    assert sorted(to for to, _ in rig.mailer.accepted) == ["bob@helpdesk.test", CUSTOMER]
+    assert [stage for _, stage, _ in rig.dlq.sent] == ["address"]

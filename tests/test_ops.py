@@ -48,7 +48,7 @@ NOTIFICATION_OUTCOMES = {
     "failed_transient",
     "failed_permanent",
 }
-STAGES = {"decode", "cloudevent", "type", "activity", "render", "attachment", "smtp"}
+STAGES = {"decode", "cloudevent", "type", "activity", "render", "attachment", "address", "smtp"}
 SMTP_OUTCOMES = {"accepted", "transient", "permanent", "error"}
 VERSION = re.compile(r"^\d+(\.\d+)*([.+-][0-9A-Za-z.+-]*)?$")
 SMALL_INT = re.compile(r"^\d{1,4}$")
@@ -288,7 +288,7 @@ def test_metrics_api_exports_every_documented_metric_with_bounded_labels() -> No
     metrics.delivered(datetime.now(UTC))
     metrics.delivered(None)
     metrics.delivered(datetime(2026, 1, 1))  # naive: read as UTC
-    metrics.lags({partition: 3 for partition in range(4)})
+    metrics.lags(dict.fromkeys(range(4), 3))
     with metrics.in_flight():
         pass
     metrics.pool_size.set(8)

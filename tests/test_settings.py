@@ -56,6 +56,14 @@ def test_bad_setting_is_one_line_naming_it(
     assert "\n" not in message
 
 
+def test_message_id_domain_must_be_a_host_name() -> None:
+    with pytest.raises(SettingsError, match="NOTIFY_MESSAGE_ID_DOMAIN: not a host name"):
+        load_settings(message_id_domain="x>@evil")
+    assert load_settings(message_id_domain="mail.helpdesk.test").mail_domain == (
+        "mail.helpdesk.test"
+    )
+
+
 def test_mail_from_cannot_carry_newlines() -> None:
     with pytest.raises(SettingsError, match="NOTIFY_MAIL_FROM"):
         load_settings(mail_from="a@b.test\r\nBcc: x@y.test")
