@@ -1,0 +1,315 @@
+"""Pydantic models of the ticket-activity CloudEvent, and parsing of Kafka messages into them."""
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from service.fields import (
+    Email,
+    Identifier,
+    Line,
+    Locale,
+    OptionalDate,
+    OptionalIdentifier,
+    OptionalTime,
+    PresetText,
+    Text,
+    Timestamp,
+    Tokens,
+    YesNo,
+    describe,
+)
+
+EventType = Literal["ticketActivity.created", "ticketActivity.updated"]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+DEFAULT_SOURCE = "/backend/api/v1/ticketActivities"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+MAX_EVENT_BYTES = 10 * 1024 * 1024
+MAX_REASON_LENGTH = 200
+
+_NonEmpty = Annotated[str, StringConstraints(strict=True, min_length=1)]
+_OptionalStr = Annotated[str | None, StringConstraints(strict=True)]
+
+
+class Customer(BaseModel):
+    """The customer of a ticket, as sent in `data.ticket.customer` or kept in the directory."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    name: Line = ""
+    email: Email
+    locale: Locale = "en"
+
+
+class Ticket(BaseModel):
+    """Ticket context: reference and subject for the mail, and the customer to write to."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    id: Identifier
+    reference: Line = ""
+    subject: Line = ""
+    customer: Customer | None = None
+
+
+class Activity(BaseModel):
+    """One ticket activity, exactly the fields of the backend API (ticket-activity.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    id: Identifier
+    ticket_id: Identifier = Field(alias="ticketID")
+    parent_activity: OptionalIdentifier = Field(default=None, alias="parentActivity")
+    ticket_activity_type: PresetText = Field(default=None, alias="ticketActivityType")
+    activity_user: PresetText = Field(default=None, alias="activityUser")
+    contains_personal_data: YesNo = Field(default=False, alias="containsPersonalData")
+    activity_text: Text = Field(default="", alias="activityText")
+    send_content_by_email: YesNo = Field(default=False, alias="sendContentByEmail")
+    comment_text: Text = Field(default="", alias="commentText")
+    update_text: Text = Field(default="", alias="updateText")
+    send_update_by_email: YesNo = Field(default=False, alias="sendUpdateByEmail")
+    activity_departments: Tokens = Field(default=(), alias="activityDepartments")
+    activity_users: Tokens = Field(default=(), alias="activityUsers")
+    activity_suppliers: Tokens = Field(default=(), alias="activitySuppliers")
+    standard_ticket_attachments: Tokens = Field(default=(), alias="standardTicketAttachments")
+    this_ticket_attachments: Tokens = Field(default=(), alias="thisTicketAttachments")
+    invoice_attachments: Tokens = Field(default=(), alias="invoiceAttachments")
+    activity_date: OptionalDate = Field(default=None, alias="activityDate")
+    response_received_date: OptionalDate = Field(default=None, alias="responseReceivedDate")
+    response_acknowledged_date: OptionalDate = Field(default=None, alias="responseAcknowledgedDate")
+    action_taken_date: OptionalDate = Field(default=None, alias="actionTakenDate")
+    action_required_date: OptionalDate = Field(default=None, alias="actionRequiredDate")
+    action_required_time: OptionalTime = Field(default=None, alias="actionRequiredTime")
+    followup_date: OptionalDate = Field(default=None, alias="followupDate")
+    followup_time: OptionalTime = Field(default=None, alias="followupTime")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The activity as the API spells it: camelCase keys, JSON-able values."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class EventData(BaseModel):
+    """The CloudEvent's `data`: the activity, plus optional ticket context."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    activity: Activity
+    ticket: Ticket | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ticket_id_from_activity(cls, value: Any) -> Any:
+        # `data.ticket.id` may be left out: it is the activity's ticketID.
+        if isinstance(value, Mapping):
+            ticket, activity = value.get("ticket"), value.get("activity")
+            if isinstance(ticket, Mapping) and "id" not in ticket and isinstance(activity, Mapping):
+                ticket_id = activity.get("ticketID", activity.get("ticket_id"))
+                return {**value, "ticket": {**ticket, "id": ticket_id}}
+        return value
+
+    @model_validator(mode="after")
+    def _ticket_matches_activity(self) -> "EventData":
+        # A mismatched ticket would mail the activity to another ticket's customer.
+        if self.ticket is not None and self.ticket.id != self.activity.ticket_id:
+            raise PydanticCustomError(
+                "ticket_mismatch",
+                "ticket.id {ticket} does not match activity.ticketID {activity}",
+                {"ticket": describe(self.ticket.id), "activity": describe(self.activity.ticket_id)},
+            )
+        return self
+
+
+class ActivityEvent(BaseModel):
+    """A CloudEvents 1.0 event carrying one ticket activity."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    specversion: Literal["1.0"]
+    id: _NonEmpty
+    source: _NonEmpty
+    type: EventType
+    subject: _OptionalStr = None
+    time: Timestamp = None
+    datacontenttype: _OptionalStr = None
+    data: EventData
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _known_type(cls, value: Any) -> Any:
+        if value not in EVENT_TYPES:
+            raise PydanticCustomError(
+                "unknown_type", "unknown event type: {type}", {"type": describe(value)}
+            )
+        return value
+
+
+class InvalidEvent(Exception):
+    """A message that is not a valid activity event; `stage` says where it failed."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        self.stage = stage  # "decode" | "cloudevent" | "type" | "activity"
+        self.reason = clean_reason(reason)
+        super().__init__(f"{stage}: {self.reason}")
+
+
+def clean_reason(reason: str) -> str:
+    """Make a reason fit a log line and a Kafka header: one line, at most ~200 characters."""
+    line = "".join(" " if not ch.isprintable() else ch for ch in reason[: MAX_REASON_LENGTH * 2])
+    return line if len(line) <= MAX_REASON_LENGTH else line[: MAX_REASON_LENGTH - 3] + "..."
+
+
+def parse_event(
+    value: bytes | None, headers: Mapping[str, bytes | str], *, max_bytes: int = MAX_EVENT_BYTES
+) -> ActivityEvent:
+    """Parse one Kafka message (structured or binary CloudEvents mode); raise InvalidEvent."""
+    try:
+        return _parse(value, headers, max_bytes)
+    except InvalidEvent:
+        raise
+    except Exception as exc:  # the consumer must always get a dead-letterable InvalidEvent
+        raise InvalidEvent("decode", f"internal error: {type(exc).__name__}") from exc
+
+
+def _parse(
+    value: bytes | None, headers: Mapping[str, bytes | str], max_bytes: int
+) -> ActivityEvent:
+    body = _decode(value, max_bytes)
+    attributes = _header_attributes(headers)
+    content_type = attributes.pop("content-type", "")
+    if content_type.lower().startswith("application/cloudevents-batch"):
+        raise InvalidEvent("cloudevent", "batch mode is not supported")
+    structured = content_type.lower().startswith("application/cloudevents") or (
+        isinstance(body, dict) and "specversion" in body
+    )
+    if structured:
+        if not isinstance(body, dict):
+            raise InvalidEvent("cloudevent", "not a JSON object")
+        if "data" not in body and "data_base64" in body:
+            raise InvalidEvent("cloudevent", "data_base64 is not supported; send JSON data")
+        envelope = body
+    elif "specversion" in attributes:
+        if content_type:
+            attributes.setdefault("datacontenttype", content_type)
+        envelope = {**attributes, "data": body}
+    else:
+        raise InvalidEvent("cloudevent", "not a CloudEvent: no specversion")
+    try:
+        return ActivityEvent.model_validate(envelope)
+    except ValidationError as exc:
+        raise _invalid(
+            exc.errors(include_url=False, include_context=False, include_input=False)
+        ) from None
+    except RecursionError:
+        raise InvalidEvent("activity", "data nested too deeply") from None
+
+
+def _decode(value: bytes | None, max_bytes: int) -> Any:
+    if value is None or len(value) == 0:
+        raise InvalidEvent("decode", "empty message")
+    if len(value) > max_bytes:
+        raise InvalidEvent("decode", f"message too large: {len(value)} bytes (limit {max_bytes})")
+    try:
+        text = bytes(value).decode("utf-8-sig")  # a BOM is tolerated
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("decode", f"not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent(
+            "decode", f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidEvent("decode", f"not JSON: {type(exc).__name__}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _header_attributes(headers: Mapping[str, bytes | str]) -> dict[str, str]:
+    """CloudEvents attributes from Kafka headers (`ce_*`, and `content-type`)."""
+    attributes: dict[str, str] = {}
+    for raw_name, raw_value in headers.items():
+        name = str(raw_name).lower()
+        if name.startswith("ce_"):
+            key = name[3:]
+        elif name == "content-type":
+            key = name
+        else:
+            continue
+        if isinstance(raw_value, bytes | bytearray):
+            try:
+                attributes[key] = bytes(raw_value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidEvent("cloudevent", f"header {name[:40]}: not UTF-8") from None
+        else:
+            attributes[key] = str(raw_value)
+    return attributes
+
+
+def _invalid(errors: list[ErrorDetails]) -> InvalidEvent:
+    """The most telling error: envelope problems first, then the type, then the activity."""
+
+    def stage(error: ErrorDetails) -> str:
+        loc = error["loc"]
+        if loc and loc[0] == "data":
+            return "activity"
+        if loc and loc[0] == "type" and error["type"] != "missing":
+            return "type"
+        return "cloudevent"
+
+    order = ("cloudevent", "type", "activity")
+    first = min(errors, key=lambda error: order.index(stage(error)))
+    path = ".".join(f"[{part}]" if isinstance(part, int) else part for part in first["loc"])
+    message = "missing" if first["type"] == "missing" else first["msg"]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return InvalidEvent(stage(first), f"{path.replace('.[', '[')}: {message}{more}")
+
+
+def cloudevent_for(
+    activity: Activity | Mapping[str, Any],
+    *,
+    type: str = "ticketActivity.created",
+    source: str = DEFAULT_SOURCE,
+    ticket: Ticket | None = None,
+    event_id: str | None = None,
+    time: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The structured-mode CloudEvent (a JSON-able dict) a producer publishes for an activity.
+
+    A Mapping is published as it is (wire shape), so lenient variants can be sent too; `type`
+    is not checked, so that tests can publish unknown types.
+    """
+    wire = activity.to_wire() if isinstance(activity, Activity) else dict(activity)
+    data: dict[str, Any] = {"activity": wire}
+    if ticket is not None:
+        data["ticket"] = ticket.model_dump(mode="json", exclude_none=True)
+    moment = time or dt.datetime.now(dt.UTC)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event_id or str(uuid.uuid4()),
+        "source": source,
+        "type": type,
+        "time": moment.isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    ticket_id = wire.get("ticketID", wire.get("ticket_id"))
+    if ticket_id is not None:
+        event["subject"] = str(ticket_id).strip()
+    return event

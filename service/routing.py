@@ -1,0 +1,254 @@
+"""Routing: one activity event to the notifications the policy calls for (pure, no I/O)."""
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from service.directory import Contact, Directory, normalize_token
+from service.events import Activity, ActivityEvent, Customer
+
+# The date fields of an activity, in the order staff mail lists them.
+DATE_FIELDS = (
+    "activity_date",
+    "response_received_date",
+    "response_acknowledged_date",
+    "action_taken_date",
+    "action_required_date",
+    "followup_date",
+)
+
+
+class Kind(StrEnum):
+    """What a notification is, which decides its recipient, content and attachments."""
+
+    CUSTOMER_CONTENT = "customer_content"
+    CUSTOMER_UPDATE = "customer_update"
+    STAFF = "staff"
+    SUPPLIER = "supplier"
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One e-mail to one recipient: everything the renderer may show, and nothing more."""
+
+    kind: Kind
+    activity_id: str
+    ticket_id: str
+    ticket_reference: str
+    ticket_subject: str
+    customer_name: str
+    parent_activity_id: str | None
+    recipient: Contact
+    activity_type: str | None = None
+    author: str | None = None  # display name of activityUser (staff only)
+    activity_text: str = ""  # customer_content, staff, supplier
+    update_text: str = ""  # customer_update, staff
+    comment_text: str = ""  # STAFF ONLY: "" for every other kind, always
+    dates: tuple[tuple[str, dt.date | dt.datetime], ...] = ()
+    action_required: dt.date | dt.datetime | None = None  # staff + supplier
+    action_required_time: dt.time | None = None  # staff + supplier
+    followup: dt.date | dt.datetime | None = None  # staff only
+    followup_time: dt.time | None = None  # staff only
+    attachments: tuple[str, ...] = ()  # store references to attach
+    listed_attachments: tuple[str, ...] = ()  # staff: listed by name, never attached
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """At most one mail per (activity id, kind, recipient address)."""
+        return (self.activity_id, self.kind.value, self.recipient.email.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """A recipient the directory does not know (`field`: the activity field, or "customer")."""
+
+    field: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    """The operator's choices that routing depends on."""
+
+    suppliers_may_receive_personal_data: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingResult:
+    """What to send, what to hold back (personal data to suppliers), and whom we could not find."""
+
+    notifications: tuple[Notification, ...]
+    withheld: tuple[Notification, ...]
+    unresolved: tuple[Unresolved, ...]
+
+
+def route(event: ActivityEvent, directory: Directory, policy: RoutingPolicy) -> RoutingResult:
+    """Apply the routing policy (contract section 2) to one event."""
+    activity = event.data.activity
+    unresolved: list[Unresolved] = []
+    blank, customer = _blank(event, directory)
+    notifications = [
+        *_customer_notifications(activity, blank, customer, unresolved),
+        *_staff_notifications(activity, blank, directory, unresolved),
+    ]
+    suppliers = _supplier_notifications(activity, blank, directory, unresolved)
+    withheld: list[Notification] = []
+    if activity.contains_personal_data and not policy.suppliers_may_receive_personal_data:
+        withheld = suppliers
+    else:
+        notifications += suppliers
+    return RoutingResult(tuple(notifications), tuple(withheld), tuple(dict.fromkeys(unresolved)))
+
+
+def _blank(event: ActivityEvent, directory: Directory) -> tuple[Notification, Customer | None]:
+    """A notification with the ticket facts every kind shares, and no content; plus the customer.
+
+    Ticket context comes from the event, field by field falling back to the directory.
+    """
+    activity = event.data.activity
+    sent, known = event.data.ticket, directory.ticket(activity.ticket_id)
+    customer = (sent.customer if sent else None) or (known.customer if known else None)
+    reference = (sent.reference if sent else "") or (known.reference if known else "")
+    subject = (sent.subject if sent else "") or (known.subject if known else "")
+    blank = Notification(
+        kind=Kind.STAFF,
+        activity_id=activity.id,
+        ticket_id=activity.ticket_id,
+        ticket_reference=reference or activity.ticket_id,
+        ticket_subject=subject,
+        customer_name=customer.name if customer else "",
+        parent_activity_id=activity.parent_activity,
+        recipient=Contact(name="", email=""),
+    )
+    return blank, customer
+
+
+def _customer_notifications(
+    activity: Activity, blank: Notification, customer: Customer | None, unresolved: list[Unresolved]
+) -> list[Notification]:
+    wanted = []
+    if activity.send_content_by_email and activity.activity_text.strip():
+        wanted.append(
+            replace(
+                blank,
+                kind=Kind.CUSTOMER_CONTENT,
+                activity_text=activity.activity_text,
+                attachments=_unique(
+                    activity.standard_ticket_attachments,
+                    activity.this_ticket_attachments,
+                    activity.invoice_attachments,  # invoices go to the customer only
+                ),
+            )
+        )
+    if activity.send_update_by_email and activity.update_text.strip():
+        wanted.append(replace(blank, kind=Kind.CUSTOMER_UPDATE, update_text=activity.update_text))
+    if wanted and customer is None:
+        unresolved.append(Unresolved("customer", activity.ticket_id))
+        return []
+    if customer is None:
+        return []
+    recipient = Contact(customer.name or customer.email, customer.email, customer.locale)
+    return [replace(n, recipient=recipient) for n in wanted]
+
+
+def _staff_notifications(
+    activity: Activity, blank: Notification, directory: Directory, unresolved: list[Unresolved]
+) -> list[Notification]:
+    recipients: list[Contact] = []
+    for token in activity.activity_departments:
+        members = directory.department(token)
+        if members is None:
+            unresolved.append(Unresolved("activityDepartments", token))
+        recipients.extend(members or ())
+    for token in activity.activity_users:
+        user = directory.user(token)
+        if user is None:
+            unresolved.append(Unresolved("activityUsers", token))
+        recipients.extend([user] if user else [])
+    author = directory.user(activity.activity_user) if activity.activity_user else None
+    is_author = _AuthorMatcher(activity.activity_user, author)
+    content = replace(
+        blank,
+        kind=Kind.STAFF,
+        activity_type=activity.ticket_activity_type,
+        author=author.name if author else activity.activity_user,
+        activity_text=activity.activity_text,
+        update_text=activity.update_text,
+        comment_text=activity.comment_text,
+        dates=tuple(
+            (name, value) for name in DATE_FIELDS if (value := getattr(activity, name)) is not None
+        ),
+        action_required=activity.action_required_date,
+        action_required_time=activity.action_required_time,
+        followup=activity.followup_date,
+        followup_time=activity.followup_time,
+        listed_attachments=_unique(
+            activity.standard_ticket_attachments,
+            activity.this_ticket_attachments,
+            activity.invoice_attachments,
+        ),
+    )
+    return [replace(content, recipient=r) for r in _by_address(recipients) if not is_author(r)]
+
+
+def _supplier_notifications(
+    activity: Activity, blank: Notification, directory: Directory, unresolved: list[Unresolved]
+) -> list[Notification]:
+    recipients: list[Contact] = []
+    for token in activity.activity_suppliers:
+        supplier = directory.supplier(token)
+        if supplier is None:
+            unresolved.append(Unresolved("activitySuppliers", token))
+        recipients.extend([supplier] if supplier else [])
+    required = activity.action_required_date
+    content = replace(
+        blank,
+        kind=Kind.SUPPLIER,
+        customer_name="",  # the customer's name is personal data the supplier does not need
+        activity_text=activity.activity_text,
+        dates=(("action_required_date", required),) if required is not None else (),
+        action_required=required,
+        action_required_time=activity.action_required_time,
+        # Invoices go to the customer only: an invoice reference is dropped even when it is
+        # also listed among the standard or this-ticket attachments.
+        attachments=tuple(
+            ref
+            for ref in _unique(
+                activity.standard_ticket_attachments, activity.this_ticket_attachments
+            )
+            if ref not in activity.invoice_attachments
+        ),
+    )
+    return [replace(content, recipient=r) for r in _by_address(recipients)]
+
+
+@dataclass(frozen=True, slots=True)
+class _AuthorMatcher:
+    """Recognises the activity's author among staff recipients: they are not notified.
+
+    A known author is matched by address; an unknown token by address or display name.
+    """
+
+    token: str | None
+    contact: Contact | None
+
+    def __call__(self, recipient: Contact) -> bool:
+        if self.contact is not None:
+            return recipient.email.lower() == self.contact.email.lower()
+        if not self.token:
+            return False
+        norm = normalize_token(self.token)
+        return norm in (recipient.email.lower(), normalize_token(recipient.name))
+
+
+def _by_address(contacts: Iterable[Contact]) -> list[Contact]:
+    """The first contact for each address (compared lower-cased), in order."""
+    seen: dict[str, Contact] = {}
+    for contact in contacts:
+        seen.setdefault(contact.email.lower(), contact)
+    return list(seen.values())
+
+
+def _unique(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(ref for group in groups for ref in group))
