@@ -17,6 +17,7 @@ from service.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
 from service.ledger import SqliteLedger
 from service.mail import PermanentSmtpError, TransientSmtpError
 from service.metrics import Metrics
+from service.mime import AddressError
 from service.render import Renderer
 from service.settings import default_templates_dir
 
@@ -290,8 +291,29 @@ async def test_one_ticket_is_served_in_order(rig: Rig) -> None:
         assert str(7000 + i).encode() in header
 
 
-async def test_address_that_cannot_be_written_is_dead_lettered(rig: Rig) -> None:
+async def test_address_routing_cannot_use_is_unresolved(rig: Rig) -> None:
     act = activity(activityUsers="ü@helpdesk.test, bob@helpdesk.test")
     await rig.dispatcher.handle_batch([record(event_bytes(act))])
     assert sorted(to for to, _ in rig.mailer.accepted) == ["bob@helpdesk.test", CUSTOMER]
+    assert rig.count("notifier_notifications_total", kind="unknown", outcome="unresolved") == 1
+    assert rig.dlq.sent == []
+
+
+async def test_address_no_header_can_carry_is_dead_lettered(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Routing already refuses such addresses; this is the dispatcher's second line.
+    import service.dispatch
+
+    real = service.dispatch.build_message
+
+    def build(n: Any, *args: Any, **kwargs: Any) -> bytes:
+        if n.recipient.email == "bob@helpdesk.test":
+            raise AddressError("not an e-mail address")
+        return real(n, *args, **kwargs)
+
+    monkeypatch.setattr(service.dispatch, "build_message", build)
+    act = activity(activityUsers="bob@helpdesk.test")
+    await rig.dispatcher.handle_batch([record(event_bytes(act))])
+    assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]
     assert [stage for _, stage, _ in rig.dlq.sent] == ["address"]
