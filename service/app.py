@@ -144,6 +144,7 @@ def smtp_config(settings: Settings) -> SmtpConfig:
         host=settings.smtp_host,
         port=settings.smtp_port,
         security=settings.smtp_security,
+        ca_file=str(settings.smtp_ca_file) if settings.smtp_ca_file else None,
         username=settings.smtp_username,
         password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
         timeout=settings.smtp_timeout_seconds,

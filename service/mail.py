@@ -46,6 +46,7 @@ class SmtpConfig:
     host: str
     port: int
     security: Security = "none"
+    ca_file: str | None = None  # a private CA for the server's certificate; else the system's
     username: str | None = None
     password: str | None = None
     timeout: float = 30.0
@@ -91,7 +92,11 @@ class SmtpPool:
 
     def _client(self) -> aiosmtplib.SMTP:
         config = self._config
-        context = ssl.create_default_context() if config.security != "none" else None
+        context = (
+            ssl.create_default_context(cafile=config.ca_file)
+            if config.security != "none"
+            else None
+        )
         return aiosmtplib.SMTP(
             hostname=config.host,
             port=config.port,

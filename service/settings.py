@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_security: Literal["none", "starttls", "tls"] = "none"
+    smtp_ca_file: Path | None = None
     smtp_timeout_seconds: float = Field(default=30.0, gt=0)
     smtp_pool_size: int = Field(default=8, ge=1, le=256)
 
