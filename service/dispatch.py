@@ -126,6 +126,9 @@ class Dispatcher:
         async def serve(group: list[Record]) -> None:
             async with slots:
                 for record in group:
+                    # On shutdown, take no new record: what is left stays uncommitted.
+                    if self._stopping.is_set():
+                        raise RetryLater
                     await self.handle_record(record, deadline)
 
         results = await asyncio.gather(

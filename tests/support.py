@@ -86,6 +86,7 @@ class SmtpRecorder:
         self.port = port or free_port(host)
         self.messages: list[Received] = []
         self.data_attempts = 0  # DATA commands seen, refused ones included
+        self.delay = 0.0  # seconds each DATA waits before its answer (a slow server)
         self._lock = threading.Lock()
         self._rcpt_faults: dict[str, str] = {}
         self._data_faults: list[str] = []
@@ -149,6 +150,8 @@ class SmtpRecorder:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         with self._lock:
             self.data_attempts += 1
             if self._data_faults:
