@@ -93,9 +93,7 @@ class SmtpPool:
     def _client(self) -> aiosmtplib.SMTP:
         config = self._config
         context = (
-            ssl.create_default_context(cafile=config.ca_file)
-            if config.security != "none"
-            else None
+            ssl.create_default_context(cafile=config.ca_file) if config.security != "none" else None
         )
         return aiosmtplib.SMTP(
             hostname=config.host,
