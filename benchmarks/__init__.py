@@ -1,0 +1,1 @@
+"""Throughput and latency benchmark of the notifier against the SMTP ceiling (issue 6)."""

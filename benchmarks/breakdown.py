@@ -1,0 +1,254 @@
+"""CPU budget per notification, stage by stage, measured in one process without Kafka.
+
+A wall-clock profile of the service on a busy 2-core machine also counts the time the
+process waited for a CPU; this measures `time.process_time()` per stage over the real
+workload instead, so the numbers add up to (most of) the service's CPU ms per mail.
+
+    python -m benchmarks.breakdown [--events 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.events import build_workload, encode
+from service.attachments import DirectoryAttachmentStore
+from service.directory import load_directory
+from service.events import ActivityEvent, parse_event
+from service.ledger import Entry, SqliteLedger
+from service.logs import JsonFormatter
+from service.message import build_message, message_id
+from service.metrics import Metrics
+from service.render import Renderer
+from service.routing import Notification, RoutingPolicy, route
+from service.settings import default_templates_dir
+
+HEADERS = {"content-type": b"application/cloudevents+json"}
+
+
+def _cpu(fn: Callable[[], Any], repeat: int = 1) -> float:
+    started = time.process_time()
+    for _ in range(repeat):
+        fn()
+    return time.process_time() - started
+
+
+def breakdown(events: int = 2000) -> dict[str, Any]:
+    """µs of CPU per notification for each stage of the service's pipeline."""
+    with tempfile.TemporaryDirectory(prefix="notifier-breakdown-") as tmp:
+        work = Path(tmp)
+        workload = build_workload(work, events, run="bd")
+        raw = [encode(e) for e in workload.events]
+        directory = load_directory(workload.directory_file)
+        policy = RoutingPolicy()
+        parsed: list[ActivityEvent] = []
+        notes: list[Notification] = []
+        cost: dict[str, float] = {}
+        cost["parse_event (pydantic)"] = _cpu(
+            lambda: parsed.extend(parse_event(v, HEADERS) for v in raw)
+        )
+        cost["route"] = _cpu(
+            lambda: notes.extend(
+                n for e in parsed for n in route(e, directory, policy).notifications
+            )
+        )
+        count = len(notes)
+        renderer = Renderer(default_templates_dir())
+        mails = [renderer.render(n) for n in notes[:50]]  # warm-up
+        mails = []
+        cost["render: Jinja + css-inline"] = _cpu(lambda: mails.extend(map(renderer.render, notes)))
+        store = DirectoryAttachmentStore(workload.attachments_dir, 10 << 20, 25 << 20)
+        files: list[Any] = []
+        cost["attachments: load"] = _cpu(
+            lambda: files.extend(store.load(n.attachments) for n in notes)
+        )
+        now = datetime.now(UTC)
+
+        def build() -> None:
+            for n, mail, attached in zip(notes, mails, files, strict=True):
+                build_message(
+                    n,
+                    mail,
+                    sender="Helpdesk <helpdesk@helpdesk.test>",
+                    reply_to="support@helpdesk.test",
+                    domain="helpdesk.test",
+                    attachments=attached,
+                    date=now,
+                )
+
+        cost["build_message (MIME)"] = _cpu(build)
+        cost["message_id"] = _cpu(lambda: [message_id(n, "helpdesk.test") for n in notes])
+        cost["log line per mail (JSON)"] = _log_cost(notes)
+        cost["metrics per mail"] = _metrics_cost(count)
+        cost["ledger: dead_lettered + sent + record"] = asyncio.run(
+            _ledger_cost(work / "ledger.sqlite3", notes, len(parsed))
+        )
+        per_mail = {k: round(1e6 * v / count, 1) for k, v in cost.items()}
+        dispatcher_cpu = asyncio.run(_dispatcher_cpu(workload, raw, work / "ledger2.sqlite3"))
+        return {
+            "events": len(parsed),
+            "notifications": count,
+            "cpu_us_per_notification": per_mail,
+            "total_us": round(sum(per_mail.values()), 1),
+            "dispatcher_us_per_notification": round(1e6 * dispatcher_cpu / count, 1),
+            "note": "stages: each measured alone; dispatcher: Dispatcher.handle_batch on "
+            "batches of 500 with a mailer that accepts at once (no network) and the SQLite "
+            "ledger, i.e. the service minus Kafka, FastStream and aiosmtplib (for the "
+            "latter see the ceiling's CPU ms per mail)",
+        }
+
+
+def _log_cost(notes: list[Notification]) -> float:
+    logger = logging.getLogger("breakdown.dispatch")
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(JsonFormatter())
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    def log() -> None:
+        for n in notes:
+            logger.info(
+                "sent",
+                extra={
+                    "event_id": "ev-1",
+                    "activity_id": n.activity_id,
+                    "ticket_id": n.ticket_id,
+                    "kind": n.kind.value,
+                    "message_id": "<a.1.staff.0123456789abcdef@helpdesk.test>",
+                },
+            )
+
+    return _cpu(log)
+
+
+def _metrics_cost(count: int) -> float:
+    from prometheus_client import CollectorRegistry
+
+    metrics = Metrics(CollectorRegistry())
+    when = datetime.now(UTC)
+
+    def per_mail() -> None:
+        for _ in range(count):
+            with metrics.render_timer():
+                pass
+            with metrics.in_flight():
+                metrics.connections(8, 3)
+                metrics.send_finished(0.001, "accepted")
+                metrics.connections(8, 2)
+            metrics.notification("staff", "sent")
+            metrics.delivered(when)
+            metrics.event("ticketActivity.created", "processed")
+
+    return _cpu(per_mail)
+
+
+async def _ledger_cost(path: Path, notes: list[Notification], events: int) -> float:
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        started = time.process_time()
+        per_event = max(1, len(notes) // max(1, events))
+
+        async def one(i: int, n: Notification) -> None:
+            if i % per_event == 0:
+                await ledger.dead_lettered("t", 0, i)
+            await ledger.sent([n.key])
+            await ledger.record(Entry(n.key, "sent", "<x@y>"))
+
+        sem = asyncio.Semaphore(64)
+
+        async def bounded(i: int, n: Notification) -> None:
+            async with sem:
+                await one(i, n)
+
+        await asyncio.gather(*(bounded(i, n) for i, n in enumerate(notes)))
+        return time.process_time() - started  # both threads: process_time counts them all
+    finally:
+        await ledger.close()
+
+
+class _NullMailer:
+    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        return None
+
+
+class _NullDeadLetters:
+    async def send(self, record: Any, stage: str, reason: str) -> None:
+        return None
+
+
+async def _dispatcher_cpu(workload: Any, raw: list[bytes], ledger_path: Path) -> float:
+    """CPU seconds (all threads) of Dispatcher.handle_batch over the workload, no network."""
+    from prometheus_client import CollectorRegistry
+
+    from service.dispatch import DeliveryConfig, Dispatcher, Record
+
+    logging.getLogger("service").setLevel(logging.INFO)
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(logging.INFO)
+    ledger = SqliteLedger(ledger_path)
+    await ledger.open()
+    dispatcher = Dispatcher(
+        config=DeliveryConfig(
+            sender="Helpdesk <helpdesk@helpdesk.test>",
+            envelope_from="helpdesk@helpdesk.test",
+            reply_to="support@helpdesk.test",
+            domain="helpdesk.test",
+        ),
+        directory=load_directory(workload.directory_file),
+        renderer=Renderer(default_templates_dir()),
+        store=DirectoryAttachmentStore(workload.attachments_dir, 10 << 20, 25 << 20),
+        ledger=ledger,
+        mailer=_NullMailer(),
+        dead_letters=_NullDeadLetters(),
+        metrics=Metrics(CollectorRegistry()),
+    )
+    records = [
+        Record(
+            "t",
+            i % 4,
+            i,
+            str(e).encode(),
+            value,
+            (("content-type", b"application/cloudevents+json"),),
+            int(time.time() * 1000),
+        )
+        for i, (e, value) in enumerate(zip(range(len(raw)), raw, strict=True))
+    ]
+    try:
+        started = time.process_time()
+        for start in range(0, len(records), 500):
+            await dispatcher.handle_batch(records[start : start + 500])
+        return time.process_time() - started
+    finally:
+        await ledger.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=2000)
+    args = parser.parse_args()
+    result = breakdown(args.events)
+    print(f"{result['events']} events → {result['notifications']} notifications")
+    for stage, us in result["cpu_us_per_notification"].items():
+        print(f"  {stage:<40} {us:8.1f} µs")
+    print(f"  {'sum of the stages':<40} {result['total_us']:8.1f} µs")
+    label = "Dispatcher.handle_batch, no network"
+    print(f"  {label:<40} {result['dispatcher_us_per_notification']:8.1f} µs")
+    print(f"  ({result['note']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""(c) The service as a child process (`python -m service run`), watched with psutil.
+
+A subprocess is the honest way to measure the service alone: its CPU time and RSS are
+not mixed with the harness, the broker client that pre-loads the backlog, or the sinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(slots=True)
+class Sample:
+    t: float  # time.monotonic()
+    cpu: float  # user + system seconds of the service process
+    rss: int  # bytes
+    count: int  # mails accepted by the sink so far (from `progress`)
+
+
+@dataclass
+class ServiceProcess:
+    """Start, sample (CPU, RSS every `interval` s), scrape /metrics, stop."""
+
+    env: Mapping[str, str]
+    http_port: int
+    log_path: Path
+    profile_out: Path | None = None  # run under a profiler, writing here on exit
+    profiler: str = "pyinstrument"  # or "cprofile"
+    progress: Callable[[], int] | None = None  # e.g. the sink's counter, recorded per sample
+    launcher: bool = False  # `python -m benchmarks.serve` instead of `python -m service run`
+    interval: float = 0.1
+    samples: list[Sample] = field(default_factory=list)
+    _proc: subprocess.Popen[bytes] | None = None
+    _ps: psutil.Process | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 60) -> None:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+        environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), environ.get("PYTHONPATH", "")) if p
+        )
+        environ.update(self.env)
+        environ["NOTIFY_HTTP_HOST"] = "127.0.0.1"
+        environ["NOTIFY_HTTP_PORT"] = str(self.http_port)
+        command = [sys.executable]
+        if self.profile_out is not None and self.profiler == "cprofile":
+            command += ["-m", "cProfile", "-o", str(self.profile_out)]
+        elif self.profile_out is not None:
+            command += ["-m", "pyinstrument", "-r", "pyisession", "-o", str(self.profile_out)]
+        command += ["-m", "benchmarks.serve"] if self.launcher else ["-m", "service", "run"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._ps = psutil.Process(self._proc.pid)
+        self._thread = threading.Thread(target=self._sample, name="service-sampler", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=1.0) as client:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"service exited:\n{self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.base_url}/healthz").status_code == 200:
+                        return
+                time.sleep(0.05)
+        raise RuntimeError(f"service not healthy after {timeout} s:\n{self.log_tail()}")
+
+    def _sample(self) -> None:
+        assert self._ps is not None
+        while not self._stop.is_set():
+            try:
+                with self._ps.oneshot():
+                    cpu = self._ps.cpu_times()
+                    rss = self._ps.memory_info().rss
+            except psutil.Error:
+                return
+            count = self.progress() if self.progress is not None else 0
+            self.samples.append(Sample(time.monotonic(), cpu.user + cpu.system, rss, count))
+            self._stop.wait(self.interval)
+
+    def cpu_at(self, t: float) -> float:
+        """CPU seconds used by time `t`, interpolated between samples."""
+        before = [s for s in self.samples if s.t <= t]
+        after = [s for s in self.samples if s.t >= t]
+        if not before:
+            return after[0].cpu if after else 0.0
+        if not after:
+            return before[-1].cpu
+        a, b = before[-1], after[0]
+        if b.t == a.t:
+            return a.cpu
+        return a.cpu + (b.cpu - a.cpu) * (t - a.t) / (b.t - a.t)
+
+    def peak_rss(self) -> int:
+        """VmHWM (the kernel's peak RSS) while the process lives, else the sampled maximum."""
+        sampled = max((s.rss for s in self.samples), default=0)
+        with contextlib.suppress(OSError):
+            assert self._proc is not None
+            status = Path(f"/proc/{self._proc.pid}/status").read_text()
+            found = re.search(r"VmHWM:\s+(\d+) kB", status)
+            if found:
+                return max(sampled, int(found[1]) * 1024)
+        return sampled
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.base_url}/metrics", timeout=10).text
+
+    def stop(self, timeout: float = 60) -> int | None:
+        self._stop.set()
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            # SIGTERM is how the service is stopped in production; under a profiler SIGINT,
+            # which ends in KeyboardInterrupt, so that the profiler still writes its report.
+            proc.send_signal(signal.SIGINT if self.profile_out is not None else signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._thread is not None:
+            self._thread.join(2)
+        return proc.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def histogram(text: str, name: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of a histogram without labels."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            found = re.search(r'le="([^"]+)"\}\s+(\S+)', line)
+            if found:
+                out.append((float(found[1]), float(found[2])))
+    return sorted(out)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return None

@@ -1,0 +1,56 @@
+"""The benchmark harness still works end to end (tiny N, no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# No skips: .ci/run installs postfix and scripts/bootstrap the bench extra, so a missing
+# piece is a failure here, not a silently skipped test.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
+    assert shutil.which("smtp-sink") or Path("/usr/sbin/smtp-sink").exists(), (
+        "needs Postfix's smtp-sink (Debian package postfix)"
+    )
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--smoke",
+        "--bootstrap",
+        kafka_bootstrap,
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    results = json.loads((out / "results.json").read_text())
+    notifications = results["config"]["notifications"]
+    assert notifications > 0
+    for phase in ("ceiling", "naive", "service"):
+        assert results[phase]["rate"] > 0, phase
+        assert results[phase]["cpu_ms_per_notification"] > 0, phase
+    assert results["ceiling"]["accepted_by_sink"] == results["ceiling"]["messages"]
+    assert results["naive"]["accepted_by_sink"] == results["naive"]["messages"]
+    service = results["service"]
+    assert service["notifications"] == notifications
+    assert service["sent_metric"] == notifications
+    assert service["dead_letters_metric"] == 0
+    assert service["peak_rss_mb"] > 0
+    latency = results["latency"]
+    assert latency["stamped"] == latency["notifications"] > 0
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+    assert {"c_over_a", "c_over_b"} <= results["summary"].keys()
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    assert "(c) service" in done.stdout
