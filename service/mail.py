@@ -12,6 +12,13 @@ from typing import Literal, Protocol
 
 import aiosmtplib
 
+from service.smtp_transaction import (
+    SmtpReplyError,
+    TransactionProtocol,
+    dot_stuff,
+    send_transaction,
+)
+
 Security = Literal["none", "starttls", "tls"]
 
 
@@ -53,6 +60,14 @@ class SmtpConfig:
     pool_size: int = 8
 
 
+@dataclass(slots=True)
+class _Connection:
+    """A connection past EHLO/STARTTLS/AUTH, driven by our transaction protocol."""
+
+    protocol: TransactionProtocol
+    pipelining: bool
+
+
 class PoolObserver(Protocol):
     """Receives pool events for metrics; the pool itself stays free of Prometheus."""
 
@@ -80,7 +95,7 @@ class SmtpPool:
     def __init__(self, config: SmtpConfig, observer: PoolObserver | None = None) -> None:
         self._config = config
         self._observer: PoolObserver = observer or _NoObserver()
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(config.pool_size)
         self._open = 0
         self._busy = 0
@@ -106,29 +121,44 @@ class SmtpPool:
             timeout=config.timeout,
         )
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> _Connection:
+        """aiosmtplib greets, says EHLO, STARTTLS and AUTH; then our protocol takes over."""
         client = self._client()
         try:
             await client.connect()
+            # connect() greets lazily when there is no STARTTLS or AUTH to do.
+            if client.is_ehlo_or_helo_needed:
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             # Even a 5xx greeting or refused login is the operator's problem, not the
             # mail's: retry it rather than dead-letter every message.
             raise TransientSmtpError(f"connect: {type(exc).__name__}: {_short(str(exc))}") from exc
+        if client.transport is None:
+            raise TransientSmtpError("connect: no transport")
+        protocol = TransactionProtocol()
+        protocol.adopt(client.transport)
         self._open += 1
-        return client
+        return _Connection(protocol, client.supports_extension("pipelining"))
 
     def _report(self) -> None:
         self._observer.connections(self._open, self._busy)
 
     @contextlib.asynccontextmanager
-    async def _lease(self) -> AsyncIterator[list[aiosmtplib.SMTP]]:
+    async def _lease(self) -> AsyncIterator[list[_Connection]]:
         await self._slots.acquire()
         self._busy += 1
-        holder: list[aiosmtplib.SMTP] = []
+        holder: list[_Connection] = []
         try:
-            if self._idle:
-                holder.append(self._idle.pop())
-            else:
+            while self._idle and not holder:
+                idle = self._idle.pop()
+                if idle.protocol.closed:  # the server hung up while it sat idle
+                    self._drop(idle)
+                else:
+                    holder.append(idle)
+            if not holder:
                 holder.append(await self._connect())
             self._report()
             yield holder
@@ -139,22 +169,24 @@ class SmtpPool:
             self._slots.release()
             self._report()
 
-    async def _drop(self, client: aiosmtplib.SMTP) -> None:
+    def _drop(self, connection: _Connection) -> None:
         self._open -= 1
         with contextlib.suppress(Exception):
-            client.close()
+            connection.protocol.close()
 
     async def send(self, sender: str, recipient: str, message: bytes) -> None:
         started = time.perf_counter()
         outcome = "error"
+        payload = dot_stuff(message)
         try:
             async with self._lease() as holder:
-                client = holder[0]
+                connection = holder[0]
                 try:
-                    await self._transact(client, sender, recipient, message)
+                    await self._transact(connection, sender, recipient, payload)
                 except BaseException:
+                    # Mid-pipeline after a refusal, or broken: start afresh next time.
                     holder.clear()
-                    await self._drop(client)
+                    self._drop(connection)
                     raise
             outcome = "accepted"
         except PermanentSmtpError:
@@ -167,19 +199,19 @@ class SmtpPool:
             self._observer.send_finished(time.perf_counter() - started, outcome)
 
     async def _transact(
-        self, client: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes
+        self, connection: _Connection, sender: str, recipient: str, payload: bytes
     ) -> None:
         try:
-            await client.sendmail(sender, [recipient], message)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = exc.recipients[0]
-            raise _classify(refused.code, refused.message) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _classify(exc.code, exc.message) from exc
+            async with asyncio.timeout(self._config.timeout):
+                await send_transaction(
+                    connection.protocol, sender, recipient, payload, connection.pipelining
+                )
+        except SmtpReplyError as exc:
+            raise _classify(exc.code, exc.text) from exc
         except ValueError as exc:
-            # aiosmtplib refuses an address it cannot put on the wire safely.
+            # An address that cannot be put on the wire safely.
             raise PermanentSmtpError(553, _short(str(exc))) from exc
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             raise TransientSmtpError(f"{type(exc).__name__}: {_short(str(exc))}") from exc
 
     async def ping(self) -> bool:
@@ -198,10 +230,8 @@ class SmtpPool:
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
-        for client in idle:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.quit(), timeout=2)
-            await self._drop(client)
+        for connection in idle:
+            self._drop(connection)
         self._report()
 
 

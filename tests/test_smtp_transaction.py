@@ -1,0 +1,167 @@
+"""The pipelined SMTP transaction: dot-stuffing, reply parsing, refusals, real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.mail import PermanentSmtpError, SmtpConfig, SmtpPool
+from service.smtp_transaction import (
+    ConnectionLost,
+    SmtpReplyError,
+    TransactionProtocol,
+    dot_stuff,
+    envelope_address,
+    send_transaction,
+)
+from tests.support import SmtpRecorder
+
+
+def unstuff(payload: bytes) -> bytes:
+    """What a server makes of a DATA payload (RFC 5321 §4.5.2)."""
+    assert payload.endswith(b"\r\n.\r\n")
+    lines = payload[: -len(b".\r\n")].split(b"\r\n")
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+def test_dot_stuffing() -> None:
+    assert dot_stuff(b"a\r\n.b\r\n") == b"a\r\n..b\r\n.\r\n"
+    assert dot_stuff(b".start\r\n") == b"..start\r\n.\r\n"
+    assert dot_stuff(b"no end") == b"no end\r\n.\r\n"
+    assert dot_stuff(b"a\r\n.\r\nb") == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+def test_bare_line_ends_are_normalised_so_nothing_is_smuggled() -> None:
+    payload = dot_stuff(b"a\n.\nMAIL FROM:<x@y>\rb")
+    assert payload == b"a\r\n..\r\nMAIL FROM:<x@y>\r\nb\r\n.\r\n"
+    assert b"\r\n.\r\n" not in payload[:-5]
+
+
+@given(st.binary(max_size=300))
+def test_stuffed_payload_has_one_end_and_unstuffs_to_the_message(message: bytes) -> None:
+    payload = dot_stuff(message)
+    assert payload.count(b"\r\n.\r\n") == 1
+    assert payload.endswith(b"\r\n.\r\n")
+    normalised = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if not normalised.endswith(b"\r\n"):
+        normalised += b"\r\n"
+    assert unstuff(payload) == normalised
+
+
+@pytest.mark.parametrize("address", ["a@b.test>", "a b@c.test", "a@b\r\nRCPT TO:<x@y>", "ü@x"])
+def test_envelope_address_refuses_what_could_break_the_command(address: str) -> None:
+    with pytest.raises(ValueError):
+        envelope_address(address)
+
+
+class FakeTransport(asyncio.WriteTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+        self._protocol: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.extend(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+def wired() -> tuple[TransactionProtocol, FakeTransport]:
+    protocol = TransactionProtocol()
+    transport = FakeTransport()
+    protocol.adopt(transport)
+    return protocol, transport
+
+
+async def test_pipelined_transaction_writes_once_and_reads_in_order() -> None:
+    protocol, transport = wired()
+    protocol.data_received(b"250 ok\r\n250-first\r\n250 second\r\n354 go\r\n")
+    task = asyncio.create_task(
+        send_transaction(protocol, "a@x.test", "b@y.test", b"p\r\n.\r\n", pipelining=True)
+    )
+    await asyncio.sleep(0)
+    protocol.data_received(b"250 queued\r\n")
+    await task
+    assert bytes(transport.written) == (
+        b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\np\r\n.\r\n"
+    )
+
+
+async def test_refused_recipient_raises_its_code() -> None:
+    protocol, _ = wired()
+    protocol.data_received(b"250 ok\r\n550 5.1.1 no such user\r\n554 no valid recipients\r\n")
+    with pytest.raises(SmtpReplyError) as caught:
+        await send_transaction(protocol, "a@x.test", "b@y.test", b".\r\n", pipelining=True)
+    assert caught.value.code == 550
+
+
+async def test_without_pipelining_stops_at_the_first_refusal() -> None:
+    protocol, transport = wired()
+    protocol.data_received(b"451 busy\r\n")
+    with pytest.raises(SmtpReplyError) as caught:
+        await send_transaction(protocol, "a@x.test", "b@y.test", b".\r\n", pipelining=False)
+    assert caught.value.code == 451
+    assert bytes(transport.written) == b"MAIL FROM:<a@x.test>\r\n"
+
+
+async def test_garbage_or_a_hang_up_is_connection_lost() -> None:
+    protocol, transport = wired()
+    protocol.data_received(b"hello?\r\n")
+    with pytest.raises(ConnectionLost):
+        await protocol.reply()
+    assert transport.closing
+    protocol, _ = wired()
+    waiting = asyncio.create_task(protocol.reply())
+    await asyncio.sleep(0)
+    protocol.connection_lost(None)
+    with pytest.raises(ConnectionLost):
+        await waiting
+
+
+class PipeliningRecorder(SmtpRecorder):
+    """aiosmtpd reads commands one by one, so it copes with pipelining; say so in EHLO."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
+@pytest.fixture(params=["plain", "pipelining"])
+def any_server(request: pytest.FixtureRequest) -> Iterator[SmtpRecorder]:
+    server = PipeliningRecorder() if request.param == "pipelining" else SmtpRecorder()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_lines_starting_with_a_dot_arrive_intact(any_server: SmtpRecorder) -> None:
+    smtp_server = any_server
+    pool = SmtpPool(SmtpConfig(host="127.0.0.1", port=smtp_server.port, timeout=5))
+    body = b"Subject: dots\r\n\r\n.\r\n..two\r\n.three\r\nend\r\n"
+    await pool.send("a@x.test", "b@y.test", body)
+    smtp_server.fail_rcpt("gone@y.test", code=550)
+    with pytest.raises(PermanentSmtpError):
+        await pool.send("a@x.test", "gone@y.test", body)
+    await pool.send("a@x.test", "c@y.test", body)
+    assert pool._idle[0].pipelining is isinstance(smtp_server, PipeliningRecorder)
+    await pool.close()
+    assert [m.data for m in smtp_server.messages] == [body, body]
+    parsed = email.message_from_bytes(smtp_server.messages[0].data, policy=email.policy.default)
+    assert parsed["Subject"] == "dots"
