@@ -15,13 +15,13 @@ from typing import Protocol
 from service.attachments import AttachmentMissing, AttachmentRefused, AttachmentStore
 from service.directory import Directory
 from service.events import ActivityEvent, InvalidEvent, parse_event
-from service.ledger import Entry, Ledger
+from service.ledger import Entry, Key, Ledger, Where
 from service.mail import Mailer, PermanentSmtpError, TransientSmtpError
 from service.message import build_message, message_id
 from service.metrics import Metrics
 from service.mime import AddressError
 from service.render import Renderer, RenderError
-from service.routing import Notification, RoutingPolicy, route
+from service.routing import Notification, RoutingPolicy, RoutingResult, route
 
 log = logging.getLogger("service.dispatch")
 
@@ -73,6 +73,19 @@ class DeliveryConfig:
     attachment_wait: float = 300.0
 
 
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A record that parsed, with what routing made of it."""
+
+    event: ActivityEvent
+    result: RoutingResult
+    ids: dict[str, str]
+
+
+def _where(record: Record) -> Where:
+    return (record.topic, record.partition, record.offset)
+
+
 def _stage(exc: Exception) -> str:
     """The x-error-stage of a failure while preparing a message."""
     if isinstance(exc, RenderError):
@@ -115,10 +128,24 @@ class Dispatcher:
         """Serve a batch; raises RetryLater when any record must be fetched again.
 
         Records of one key (one ticket) on one partition are served in order; different
-        keys are served concurrently, up to the configured concurrency.
+        keys are served concurrently, up to the configured concurrency. Parsing and routing
+        are pure, so they run first, and the ledger is asked once for the whole batch.
         """
+        if self._stopping.is_set():
+            raise RetryLater
+        done = await self._ledger.dead_lettered([_where(r) for r in records])
+        pending = [r for r in records if _where(r) not in done]
+        routed = {_where(r): self._route(r) for r in pending}
+        sent = await self._ledger.sent(
+            [
+                n.key
+                for item in routed.values()
+                if isinstance(item, Routed)
+                for n in item.result.notifications
+            ]
+        )
         groups: dict[tuple[int, bytes | None], list[Record]] = defaultdict(list)
-        for record in records:
+        for record in pending:
             groups[(record.partition, record.key)].append(record)
         deadline = time.monotonic() + self._config.retry_budget
         slots = asyncio.Semaphore(self._config.concurrency)
@@ -129,7 +156,7 @@ class Dispatcher:
                     # On shutdown, take no new record: what is left stays uncommitted.
                     if self._stopping.is_set():
                         raise RetryLater
-                    await self.handle_record(record, deadline)
+                    await self._serve(record, routed[_where(record)], sent, deadline)
 
         results = await asyncio.gather(
             *(serve(group) for group in groups.values()), return_exceptions=True
@@ -141,37 +168,51 @@ class Dispatcher:
         if errors:
             raise errors[0]
 
-    async def handle_record(self, record: Record, deadline: float) -> None:
-        """Serve one record; returns when it may be committed."""
-        if await self._ledger.dead_lettered(record.topic, record.partition, record.offset):
-            return
+    def _route(self, record: Record) -> Routed | InvalidEvent:
         try:
             event = parse_event(record.value, dict(record.headers))
         except InvalidEvent as exc:
-            self._metrics.event(None, "dead_lettered")
-            await self._dead_letter(record, {}, Failure(exc.stage, exc.reason))
-            return
+            return exc
         ids = {
             "event_id": event.id,
             "activity_id": event.data.activity.id,
             "ticket_id": event.data.activity.ticket_id,
         }
-        result = route(event, self._directory, self._config.policy)
+        return Routed(event, route(event, self._directory, self._config.policy), ids)
+
+    async def _serve(
+        self, record: Record, item: Routed | InvalidEvent, sent: set[Key], deadline: float
+    ) -> None:
+        """Serve one record; returns when it may be committed.
+
+        `sent` holds the keys the ledger knew at the start of the batch plus every key sent
+        since, so a later record of the same activity in this batch skips them too.
+        """
+        if isinstance(item, InvalidEvent):
+            self._metrics.event(None, "dead_lettered")
+            await self._dead_letter(record, {}, Failure(item.stage, item.reason))
+            return
+        event, result, ids = item.event, item.result, item.ids
         for unresolved in result.unresolved:
             self._metrics.notification("unknown", "unresolved")
             log.warning(
                 "unresolved recipient",
-                extra={**ids, "field": unresolved.field, "token": unresolved.token},
+                extra={
+                    **ids,
+                    "outcome": "unresolved",
+                    "field": unresolved.field,
+                    "token": unresolved.token[:100],
+                },
             )
         for withheld in result.withheld:
             self._metrics.notification(withheld.kind.value, "withheld")
             log.info(
-                "supplier mail withheld: personal data", extra={**ids, "kind": withheld.kind.value}
+                "supplier mail withheld: personal data",
+                extra={**ids, "kind": withheld.kind.value, "outcome": "withheld"},
             )
-        already = await self._ledger.sent([n.key for n in result.notifications])
         todo = []
         for n in result.notifications:
-            if n.key in already:
+            if n.key in sent:
                 self._metrics.notification(n.kind.value, "skipped_duplicate")
                 log.info(
                     "already sent",
@@ -180,7 +221,8 @@ class Dispatcher:
             else:
                 todo.append(n)
         outcomes = await asyncio.gather(
-            *(self._deliver(n, event, record, deadline) for n in todo), return_exceptions=True
+            *(self._deliver(n, event, record, sent, deadline) for n in todo),
+            return_exceptions=True,
         )
         failures: list[Failure] = []
         for outcome in outcomes:
@@ -196,7 +238,12 @@ class Dispatcher:
             self._metrics.event(event.type, "processed")
 
     async def _deliver(
-        self, n: Notification, event: ActivityEvent, record: Record, deadline: float
+        self,
+        n: Notification,
+        event: ActivityEvent,
+        record: Record,
+        sent: set[Key],
+        deadline: float,
     ) -> Failure | None:
         kind = n.kind.value
         ids = {
@@ -220,13 +267,20 @@ class Dispatcher:
                     return await self._fail(n, msg_id, Failure("smtp", f"{kind}: {exc}"), ids)
                 except TransientSmtpError as exc:
                     self._metrics.notification(kind, "failed_transient")
+                    # The server's reply text may quote the address: log its code only.
                     log.warning(
                         "transient smtp failure, retrying",
-                        extra={**ids, "attempt": attempt, "reason": str(exc)},
+                        extra={
+                            **ids,
+                            "outcome": "failed_transient",
+                            "attempt": attempt,
+                            "smtp_code": exc.code,
+                        },
                     )
                     await self._backoff(attempt, deadline)
                     attempt += 1
         await self._ledger.record(Entry(n.key, "sent", msg_id))
+        sent.add(n.key)
         self._metrics.notification(kind, "sent")
         self._metrics.delivered(event.time)
         log.info("sent", extra={**ids, "outcome": "sent", "message_id": msg_id})
@@ -270,7 +324,7 @@ class Dispatcher:
         return failure
 
     async def _backoff(self, attempt: int, deadline: float) -> None:
-        """Capped exponential backoff with full jitter; RetryLater past the budget."""
+        """Capped exponential backoff, jittered over its upper half; RetryLater past the budget."""
         self._metrics.retry()
         delay = min(self._config.retry_max, self._config.retry_initial * 2**attempt)
         delay = random.uniform(delay / 2, delay)
@@ -286,11 +340,13 @@ class Dispatcher:
         stage = failures[0].stage
         reason = "; ".join(f.reason for f in failures)[:900]
         await self._dead_letters.send(record, stage, reason)
-        await self._ledger.record_dead_letter(record.topic, record.partition, record.offset, stage)
+        await self._ledger.record_dead_letter(_where(record), stage)
         self._metrics.dead_letter(stage)
         log.error(
             "dead-lettered",
             extra={
+                **ids,
+                "outcome": "dead_lettered",
                 "topic": record.topic,
                 "partition": record.partition,
                 "offset": record.offset,

@@ -14,6 +14,9 @@ from typing import Literal, Protocol, TypeVar
 Key = tuple[str, str, str]
 """(activity id, kind, recipient address lower-cased)."""
 
+Where = tuple[str, int, int]
+"""(topic, partition, offset) of a Kafka record."""
+
 Status = Literal["sent", "failed"]
 T = TypeVar("T")
 
@@ -58,11 +61,11 @@ class Ledger(Protocol):
         """Durably record one notification's outcome before its offset is committed."""
         ...
 
-    async def dead_lettered(self, topic: str, partition: int, offset: int) -> bool:
-        """Whether this Kafka record was already sent to the dead-letter topic."""
+    async def dead_lettered(self, records: Sequence[Where]) -> set[Where]:
+        """The records among `records` already sent to the dead-letter topic."""
         ...
 
-    async def record_dead_letter(self, topic: str, partition: int, offset: int, stage: str) -> None:
+    async def record_dead_letter(self, record: Where, stage: str) -> None:
         """Remember that this record went to the dead-letter topic."""
         ...
 
@@ -179,27 +182,29 @@ class SqliteLedger:
             raise
         db.execute("COMMIT")
 
-    async def dead_lettered(self, topic: str, partition: int, offset: int) -> bool:
-        return await self._run(self._dead_lettered, topic, partition, offset)
+    async def dead_lettered(self, records: Sequence[Where]) -> set[Where]:
+        if not records:
+            return set()
+        return await self._run(self._dead_lettered, list(records))
 
-    def _dead_lettered(self, topic: str, partition: int, offset: int) -> bool:
-        row = (
-            self._db()
-            .execute(
-                'SELECT 1 FROM dead_letters WHERE topic=? AND partition=? AND "offset"=?',
-                (topic, partition, offset),
-            )
-            .fetchone()
-        )
-        return row is not None
+    def _dead_lettered(self, records: list[Where]) -> set[Where]:
+        db = self._db()
+        return {
+            where
+            for where in records
+            if db.execute(
+                'SELECT 1 FROM dead_letters WHERE topic=? AND partition=? AND "offset"=?', where
+            ).fetchone()
+            is not None
+        }
 
-    async def record_dead_letter(self, topic: str, partition: int, offset: int, stage: str) -> None:
-        await self._run(self._record_dead_letter, topic, partition, offset, stage)
+    async def record_dead_letter(self, record: Where, stage: str) -> None:
+        await self._run(self._record_dead_letter, record, stage)
 
-    def _record_dead_letter(self, topic: str, partition: int, offset: int, stage: str) -> None:
+    def _record_dead_letter(self, record: Where, stage: str) -> None:
         self._db().execute(
             "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, ?)",
-            (topic, partition, offset, stage, time.time()),
+            (*record, stage, time.time()),
         )
 
     async def status(self, key: Key) -> tuple[str, str] | None:

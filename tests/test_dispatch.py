@@ -317,3 +317,11 @@ async def test_address_no_header_can_carry_is_dead_lettered(
     await rig.dispatcher.handle_batch([record(event_bytes(act))])
     assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]
     assert [stage for _, stage, _ in rig.dlq.sent] == ["address"]
+
+
+async def test_created_and_updated_in_one_batch_send_once(rig: Rig) -> None:
+    created = event_bytes(activity())
+    updated = event_bytes(activity(activityText="edited"), type_="ticketActivity.updated")
+    await rig.dispatcher.handle_batch([record(created), record(updated)])
+    assert len(rig.mailer.accepted) == 1
+    assert b"edited" not in rig.mailer.accepted[0][1]

@@ -50,11 +50,10 @@ async def test_concurrent_records_are_all_kept(tmp_path: Path) -> None:
 
 async def test_dead_letters_are_remembered(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
-    assert not await ledger.dead_lettered("t", 0, 7)
-    await ledger.record_dead_letter("t", 0, 7, "decode")
-    await ledger.record_dead_letter("t", 0, 7, "decode")
-    assert await ledger.dead_lettered("t", 0, 7)
-    assert not await ledger.dead_lettered("t", 1, 7)
+    assert await ledger.dead_lettered([("t", 0, 7)]) == set()
+    await ledger.record_dead_letter(("t", 0, 7), "decode")
+    await ledger.record_dead_letter(("t", 0, 7), "decode")
+    assert await ledger.dead_lettered([("t", 0, 7), ("t", 1, 7)]) == {("t", 0, 7)}
     await ledger.close()
 
 
