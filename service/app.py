@@ -215,6 +215,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
         group_id=settings.group_id,
         batch=True,
         max_records=settings.batch_max_records,
+        # FastStream also sleeps this long after an empty poll: keep it short for latency.
+        batch_timeout_ms=settings.batch_timeout_ms,
         ack_policy=AckPolicy.MANUAL,
         auto_offset_reset="earliest",
         max_poll_interval_ms=settings.max_poll_interval_ms,

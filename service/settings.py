@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     dlq_topic: str = "ticket-activities.dlq"
     group_id: str = "ticket-notifier"
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    batch_timeout_ms: int = Field(default=20, ge=1, le=10_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     graceful_timeout_seconds: float = Field(default=20.0, gt=0)
