@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from service.message import Attachment
+from service.mime import base64_body
 
 __all__ = [
     "MIME_TYPES",
@@ -80,10 +82,22 @@ def guess_type(filename: str) -> str:
 class DirectoryAttachmentStore:
     """Files under `root`, named by relative paths; size limits per file and per mail."""
 
-    def __init__(self, root: Path, max_file_bytes: int, max_mail_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_file_bytes: int,
+        max_mail_bytes: int,
+        cache_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self._root = Path(os.path.realpath(root))
         self._max_file = max_file_bytes
         self._max_mail = max_mail_bytes
+        # Standard documents go out with many mails: keep recently sent files with their
+        # base64 body, keyed by what fstat says of the open file, so a changed file is
+        # read afresh. Bounded by bytes (content plus encoding), least recently used out.
+        self._cache: OrderedDict[tuple[str, int, int, int], Attachment] = OrderedDict()
+        self._cache_limit = cache_bytes
+        self._cached = 0
 
     def load(self, refs: Sequence[str]) -> list[Attachment]:
         """Read every referenced file; all-or-nothing, so a mail is never sent half-attached."""
@@ -93,14 +107,14 @@ class DirectoryAttachmentStore:
         total = 0
         loaded: list[Attachment] = []
         for i, (ref, path) in enumerate(zip(refs, paths, strict=True), 1):
-            data = self._read(i, ref, path)
-            total += len(data)
+            name = PurePosixPath(ref.replace("\\", "/")).name
+            item = self._read(i, ref, path, name)
+            total += len(item.data)
             if total > self._max_mail:
                 raise AttachmentRefused(
                     f"attachments exceed the per-mail limit of {self._max_mail} bytes", ref
                 )
-            name = PurePosixPath(ref.replace("\\", "/")).name
-            loaded.append(Attachment(name, guess_type(name), data))
+            loaded.append(item)
         return loaded
 
     def _locate(self, i: int, ref: str) -> Path:
@@ -119,7 +133,7 @@ class DirectoryAttachmentStore:
             raise AttachmentRefused(f"{where} resolves outside the store", ref)
         return path
 
-    def _read(self, i: int, ref: str, path: Path) -> bytes:
+    def _read(self, i: int, ref: str, path: Path, name: str) -> Attachment:
         where = f"attachment reference #{i}"
         try:
             # O_NOFOLLOW: the path was resolved above, a link swapped in since is refused;
@@ -136,6 +150,12 @@ class DirectoryAttachmentStore:
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise AttachmentRefused(f"{where} is not a regular file", ref)
+        key = (f"{path}\0{name}", info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._cache.get(key)
+        if cached is not None:
+            os.close(fd)
+            self._cache.move_to_end(key)
+            return cached
         with os.fdopen(fd, "rb") as fh:
             if info.st_size > self._max_file:
                 raise AttachmentRefused(
@@ -147,4 +167,16 @@ class DirectoryAttachmentStore:
             raise AttachmentRefused(
                 f"{where} exceeds the per-file limit of {self._max_file} bytes", ref
             )
-        return data
+        item = Attachment(name, guess_type(name), data, base64_body(data))
+        self._remember(key, item)
+        return item
+
+    def _remember(self, key: tuple[str, int, int, int], item: Attachment) -> None:
+        size = len(item.data) + len(item.encoded)
+        if size > self._cache_limit // 4:
+            return  # a few large files must not flush everything else
+        self._cache[key] = item
+        self._cached += size
+        while self._cached > self._cache_limit:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= len(old.data) + len(old.encoded)

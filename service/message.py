@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from functools import lru_cache
@@ -44,11 +44,16 @@ _SAFE_DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """One file to attach: its display name, media type and content."""
+    """One file to attach: its display name, media type and content.
+
+    `encoded` may carry the content's base64 body already (a store that caches files
+    encodes each once); empty means "encode `data` here".
+    """
 
     filename: str
     content_type: str
     data: bytes
+    encoded: bytes = field(default=b"", compare=False, repr=False)
 
 
 class ThreadIds(NamedTuple):
@@ -160,7 +165,7 @@ def build_message(
     if attachments:
         for item in attachments:
             out += _attachment_head(mixed_boundary, item)
-            out += base64_body(item.data)
+            out += item.encoded or base64_body(item.data)
             out += b"\r\n"
         out += f"--{mixed_boundary}--{CRLF}".encode("ascii")
     return bytes(out)

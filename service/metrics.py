@@ -7,6 +7,7 @@ import platform
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -123,33 +124,38 @@ class Metrics:
         )
         self.build = Info("notifier_build", "Version of the notifier.", registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
-        # Every series exists from the start, so rate() and increase() see the first count.
-        for kind in KINDS:
-            for outcome in NOTIFICATION_OUTCOMES:
-                self.notifications.labels(kind, outcome)
-        self.notifications.labels("unknown", "unresolved")
-        for event_type in (*sorted(EVENT_TYPES), "invalid"):
-            for outcome in EVENT_OUTCOMES:
-                self.events.labels(event_type, outcome)
-        for outcome in SMTP_OUTCOMES:
-            self.smtp_send_seconds.labels(outcome)
-        for stage in STAGES:
-            self.dead_letters.labels(stage)
-        for state in ("open", "busy"):
-            self.pool_connections.labels(state)
+        # Every series exists from the start, so rate() and increase() see the first count;
+        # the children are kept, since labels() validates and locks on every call.
+        self._notifications = {
+            (kind, outcome): self.notifications.labels(kind, outcome)
+            for kind in KINDS
+            for outcome in NOTIFICATION_OUTCOMES
+        }
+        self._notifications["unknown", "unresolved"] = self.notifications.labels(
+            "unknown", "unresolved"
+        )
+        self._events = {
+            (event_type, outcome): self.events.labels(event_type, outcome)
+            for event_type in (*sorted(EVENT_TYPES), "invalid")
+            for outcome in EVENT_OUTCOMES
+        }
+        self._smtp = {outcome: self.smtp_send_seconds.labels(outcome) for outcome in SMTP_OUTCOMES}
+        self._stages = {stage: self.dead_letters.labels(stage) for stage in STAGES}
+        self._open = self.pool_connections.labels("open")
+        self._busy = self.pool_connections.labels("busy")
         # Process memory, CPU and file descriptors, in this registry rather than the global.
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
 
     def event(self, event_type: str | None, outcome: str) -> None:
         label = event_type if event_type in EVENT_TYPES else "invalid"
-        self.events.labels(label, outcome).inc()
+        _child(self._events, (label, outcome), self.events).inc()
 
     def notification(self, kind: str, outcome: str) -> None:
-        self.notifications.labels(kind, outcome).inc()
+        _child(self._notifications, (kind, outcome), self.notifications).inc()
 
     def dead_letter(self, stage: str) -> None:
-        self.dead_letters.labels(stage).inc()
+        _child(self._stages, stage, self.dead_letters).inc()
 
     def retry(self) -> None:
         self.retries.inc()
@@ -180,14 +186,23 @@ class Metrics:
 
     # PoolObserver of service.mail
     def connections(self, open_count: int, busy_count: int) -> None:
-        self.pool_connections.labels("open").set(open_count)
-        self.pool_connections.labels("busy").set(busy_count)
+        self._open.set(open_count)
+        self._busy.set(busy_count)
 
     def send_finished(self, seconds: float, outcome: str) -> None:
-        self.smtp_send_seconds.labels(outcome).observe(seconds)
+        _child(self._smtp, outcome, self.smtp_send_seconds).observe(seconds)
 
     def lags(self, records_behind: dict[int, int]) -> None:
         """Replace the lag of every partition: a revoked partition's series goes away."""
         self.consumer_lag.clear()
         for partition, behind in records_behind.items():
             self.consumer_lag.labels(str(partition)).set(behind)
+
+
+def _child(children: dict[Any, Any], key: Any, metric: Any) -> Any:
+    """The labelled child for `key`, made once (a label set outside the usual ones too)."""
+    child = children.get(key)
+    if child is None:
+        labels = key if isinstance(key, tuple) else (key,)
+        child = children[key] = metric.labels(*labels)
+    return child

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -183,3 +184,25 @@ def test_error_messages_name_no_file(root: Path) -> None:
 )
 def test_mime_map(name: str, expected: str) -> None:
     assert guess_type(name) == expected
+
+
+def test_a_cached_file_is_read_afresh_once_it_changes(tmp_path: Path) -> None:
+    (tmp_path / "doc.txt").write_bytes(b"first version")
+    store = DirectoryAttachmentStore(tmp_path, 1000, 10_000)
+    [first] = store.load(["doc.txt"])
+    [again] = store.load(["doc.txt"])
+    assert again is first  # served from the cache, base64 body included
+    assert first.encoded == base64.b64encode(b"first version")
+    (tmp_path / "doc.txt").write_bytes(b"second, longer version")
+    [changed] = store.load(["doc.txt"])
+    assert changed.data == b"second, longer version"
+
+
+def test_the_cache_stays_within_its_bound(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / f"f{i}.bin").write_bytes(bytes(100))
+    store = DirectoryAttachmentStore(tmp_path, 1000, 10_000, cache_bytes=1000)
+    for i in range(20):
+        store.load([f"f{i}.bin"])
+    assert store._cached <= 1000
+    assert 0 < len(store._cache) < 20
