@@ -55,7 +55,8 @@ class RenderError(Exception):
 def nl2br(value: object) -> Markup:
     """Escape text, then turn its line breaks into <br>: data never becomes markup."""
     text = str(value).replace("\r\n", "\n").replace("\r", "\n")
-    return Markup("<br>\n").join(escape(line) for line in text.split("\n"))
+    # escape() leaves "\n" alone and never produces one, so the replace adds only <br>s.
+    return escape(text).replace("\n", Markup("<br>\n"))
 
 
 class Renderer:
@@ -191,11 +192,17 @@ def _time(at: time | datetime) -> str:
     return f"{text} UTC{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
+@lru_cache(maxsize=4096)
+def _medium_date(day: date, locale: Locale) -> str:
+    # Babel formats a date in ~15 us; the same few dates recur across a backlog.
+    return format_date(day, "medium", locale=locale)
+
+
 def format_when(value: date | None, at: time | None, locale: Locale) -> str:
     """A date (medium format) with an optional HH:MM time; "" when nothing is set."""
     if value is None:
         return _time(at) if at is not None else ""
-    day = format_date(value, "medium", locale=locale)
+    day = _medium_date(value if not isinstance(value, datetime) else value.date(), locale)
     if at is None and isinstance(value, datetime):
         return f"{day} {_time(value)}"
     return f"{day} {_time(at)}" if at is not None else day

@@ -115,7 +115,9 @@ class TransactionProtocol(asyncio.Protocol):
 def dot_stuff(message: bytes) -> bytes:
     """The DATA payload: CRLF line ends, leading dots doubled, ended by CRLF.CRLF (§4.5.2)."""
     # A bare CR or LF could smuggle a second message past some servers: normalise them.
-    if b"\r" in message.replace(b"\r\n", b"") or b"\n" in message.replace(b"\r\n", b""):
+    # (Counting allocates nothing; our MIME builder writes CRLF only, so this rarely fires.)
+    pairs = message.count(b"\r\n")
+    if message.count(b"\r") != pairs or message.count(b"\n") != pairs:
         message = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
