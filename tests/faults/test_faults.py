@@ -1,0 +1,682 @@
+"""Fault injection on the real broker, a controllable SMTP server and `notifier run` as a child.
+
+Each case publishes good events whose mails are known in advance (and sometimes poison),
+injects one kind of fault while the service works through them, then counts the mail the
+SMTP server accepted by Message-ID and reads the dead-letter topic. Every case must end with
+0 lost and 0 duplicated good mails (SIGKILL: no more duplicates than mails in flight at the
+kills, each with its original Message-ID), every poison dead-lettered once, and the service
+still consuming. The short version runs in CI; NOTIFY_FAULTS_FULL=1 (scripts/faults) runs
+each case over at least 1,000 notifications with the long outages. The report table goes
+to benchmarks/out/faults[-short].{md,json}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.harness import (
+    FULL,
+    REPO,
+    SEED,
+    CaseReport,
+    DeadLetter,
+    EventFactory,
+    MailIndex,
+    Outgoing,
+    PacedSmtp,
+    Published,
+    check_dead_letters,
+    count_mail,
+    expected_message_ids,
+    group_caught_up,
+    group_members,
+    interleave,
+    largest_value,
+    ledger_sent_ids,
+    markdown_table,
+    new_http_port,
+    poison_messages,
+    publish,
+    read_topic,
+    scaled,
+    service_env,
+    set_topic_config,
+    until,
+    wait_for_dead_letters,
+    wait_for_mail,
+    write_reports,
+)
+from tests.service_process import ServiceProcess
+
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.integration,
+    pytest.mark.timeout(1500 if FULL else 240),
+]
+
+NOTIFICATIONS = scaled(150, 1200)  # per case
+SMTP_DELAY = scaled(200, 100) / 1000  # seconds the SMTP server takes per message
+DELIVERY_WITHIN = scaled(120, 600)  # seconds for a case's mail to arrive after its fault
+STALL = scaled(40, 90)  # seconds without any new mail after which waiting is pointless
+PROBES = 5  # events published after the fault: the service must still consume them
+
+REPORTS: list[CaseReport] = []
+SUITE_STARTED = time.monotonic()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the module: write benchmarks/out/faults[-short].{md,json}, print the table."""
+    yield
+    if not REPORTS:
+        return
+    path = write_reports(REPORTS, SUITE_STARTED)
+    text = f"\n\nFault suite, seed {SEED} ({path}):\n{markdown_table(REPORTS)}\n"
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(text)
+
+
+@dataclass
+class FaultRun:
+    """One case: its topic, SMTP server, service process, events and what was published."""
+
+    case: str
+    bootstrap: str
+    topic: str
+    smtp: PacedSmtp
+    service: ServiceProcess
+    ledger: Path
+    rng: random.Random
+    factory: EventFactory
+    index: MailIndex
+    env: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    published: list[Published] = field(default_factory=list)
+    also_expected: set[str] = field(default_factory=set)
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.topic}.dlq"
+
+    @property
+    def group(self) -> str:
+        return f"{self.topic}-notifier"
+
+    @property
+    def expected(self) -> frozenset[str]:
+        return frozenset(self.also_expected).union(*(p.record.expected for p in self.published))
+
+    async def publish(self, records: Sequence[Outgoing]) -> list[Published]:
+        done = await publish(self.bootstrap, self.topic, records)
+        self.published.extend(done)
+        return done
+
+    def received(self) -> int:
+        return self.index.received(self.expected)
+
+    async def start_service(self) -> None:
+        await asyncio.to_thread(self.service.start, 60)
+
+    async def kill_service(self) -> None:
+        await asyncio.to_thread(self.service.kill)
+
+    async def reached(self, count: int, within: float) -> None:
+        """Wait until `count` expected mails arrived."""
+        await until(
+            lambda: self.received() >= count,
+            within,
+            lambda: f"{self.received()} of {count} mails arrived; log: {self.service.log_path}",
+        )
+
+    async def next_acceptance(self, within: float) -> None:
+        """Return once the SMTP server accepts one more message (or after `within` s)."""
+        seen = len(self.smtp.messages)
+        with contextlib.suppress(AssertionError):
+            await until(lambda: len(self.smtp.messages) > seen, within, str, interval=0.005)
+
+    async def wait_delivered(self, within: float = 0) -> bool:
+        """Wait for every expected mail (bounded; early out once the group is caught up)."""
+        return await wait_for_mail(
+            self.index,
+            self.expected,
+            within or DELIVERY_WITHIN,
+            finished=self.caught_up,
+            stall=STALL,
+        )
+
+    async def caught_up(self) -> bool:
+        try:
+            return await group_caught_up(self.bootstrap, self.topic, self.group)
+        except Exception:  # broker just restarting, group rebalancing: not known yet
+            return False
+
+    async def still_consuming(self) -> tuple[bool, str]:
+        """New events after the fault are served, and the group has a stable member."""
+        probes = [self.factory.event() for _ in range(PROBES)]
+        await self.publish(probes)
+        wanted = frozenset().union(*(p.expected for p in probes))
+        served = await wait_for_mail(self.index, wanted, 60, settle=0.5, finished=self.caught_up)
+        state, members = await group_members(self.bootstrap, self.group)
+        ok = served and state == "Stable" and len(members) == 1 and self.service.running
+        return ok, f"probes served={served}, group {state} with {len(members)} member(s)"
+
+    async def finish(
+        self, *, still_consuming: bool, details: dict[str, Any] | None = None
+    ) -> tuple[CaseReport, list[str]]:
+        """Count mail, read the dead-letter topic, record the report; (report, DLQ problems)."""
+        dlq: list[DeadLetter] = await read_topic(self.bootstrap, self.dlq)
+        problems = check_dead_letters(self.topic, self.published, dlq)
+        mail = count_mail(list(self.smtp.messages), self.expected)
+        good = [p for p in self.published if not p.record.poison]
+        report = CaseReport(
+            case=self.case,
+            good_events=len(good),
+            expected_mails=mail.expected_mails,
+            received_unique=mail.received_unique,
+            lost=mail.lost,
+            duplicated=mail.duplicated,
+            duplicates_with_same_message_id=mail.duplicates_with_same_message_id,
+            unexpected=mail.unexpected,
+            dead_lettered=len(dlq),
+            poison_sent=sum(1 for p in self.published if p.record.poison),
+            still_consuming=still_consuming,
+            seconds=round(time.monotonic() - self.started, 1),
+            details=details or {},
+        )
+        if mail.lost:
+            report.details["lost_sample"] = mail.lost_sample
+        if mail.unexpected:
+            report.details["unexpected_sample"] = mail.unexpected_sample
+        if problems:
+            report.details["dlq_problems"] = problems[:10]
+        REPORTS.append(report)
+        print(f"\n{report.case}: {report.as_dict()}")
+        return report, problems
+
+
+def assert_clean(report: CaseReport, problems: list[str], log: Path, *, dup_bound: int = 0) -> None:
+    where = f"(service log: {log})"
+    assert report.lost == 0, (
+        f"{report.lost} of {report.expected_mails} mails lost, e.g. "
+        f"{report.details.get('lost_sample')} {where}"
+    )
+    assert report.unexpected == 0, (
+        f"{report.unexpected} mails with an unexpected Message-ID, e.g. "
+        f"{report.details.get('unexpected_sample')} {where}"
+    )
+    assert report.duplicated <= dup_bound, (
+        f"{report.duplicated} duplicates, at most {dup_bound} allowed {where}"
+    )
+    assert report.duplicates_with_same_message_id == report.duplicated, (
+        f"only {report.duplicates_with_same_message_id} of {report.duplicated} duplicates "
+        f"carry their original Message-ID {where}"
+    )
+    assert not problems, f"dead-letter topic: {problems[:10]} {where}"
+    assert report.still_consuming, f"the service stopped consuming: {report.details} {where}"
+
+
+@pytest.fixture
+def smtp() -> Iterator[PacedSmtp]:
+    """The SMTP server of a case: records mail, takes SMTP_DELAY per message, fails on cue."""
+    server = PacedSmtp(SMTP_DELAY)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def fault_run(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic: str,
+    smtp: PacedSmtp,
+) -> AsyncIterator[FaultRun]:
+    case = request.node.name.removeprefix("test_")
+    rng = random.Random(f"{SEED}:{case}")
+    ledger = tmp_path / "ledger.sqlite3"
+    env = service_env(bootstrap=kafka_bootstrap, topic=topic, smtp_port=smtp.port, ledger=ledger)
+    service = ServiceProcess(env, new_http_port(), log_path=tmp_path / "service.log")
+    run = FaultRun(
+        case=case,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        smtp=smtp,
+        service=service,
+        env=env,
+        ledger=ledger,
+        rng=rng,
+        factory=EventFactory(rng),
+        index=MailIndex(smtp),
+    )
+    try:
+        yield run
+    finally:
+        await asyncio.to_thread(service.stop, 15)
+
+
+# --- 1. SIGKILL ------------------------------------------------------------------------------
+
+
+async def test_sigkill_at_random_moments(fault_run: FaultRun) -> None:
+    """kill -9 several times mid-stream; duplicates only for mails in flight at a kill.
+
+    The SMTP server spends part of its time per message after accepting it, so a kill
+    often falls between the server's acceptance and the ledger's record: those mails are
+    "in flight" (accepted, not in the ledger, which is read after each kill) and are the
+    only ones allowed to arrive twice, with their original Message-ID.
+    """
+    run = fault_run
+    run.smtp.delay, run.smtp.reply_delay = SMTP_DELAY * 0.6, SMTP_DELAY * 0.4
+    await run.publish(run.factory.events_for(NOTIFICATIONS))
+    total = len(run.expected)
+    gap = max(5, total // 20)  # mail that must flow between a restart and the next kill
+    kills = scaled(3, 6)
+    span = 0.8 / kills  # one kill at a random moment in each of `kills` slices of the run
+    marks = [int(total * (0.05 + span * (k + run.rng.random()))) for k in range(kills)]
+    await run.start_service()
+    history: list[dict[str, int]] = []
+    last = 0
+    for mark in marks:
+        target = max(mark, last + gap)
+        if target >= total - gap:
+            break
+        await run.reached(target, DELIVERY_WITHIN)
+        # Kill at a random moment while mail flows: just after the server accepted one.
+        await run.next_acceptance(within=5)
+        await asyncio.sleep(run.rng.uniform(0, run.smtp.reply_delay))
+        await run.kill_service()
+        # The SMTP server finishes (accepts) any message whose DATA the client completed.
+        await asyncio.sleep(SMTP_DELAY + 0.5)
+        accepted = {i for i, n in run.index.update().items() if n}
+        in_flight = accepted - await asyncio.to_thread(ledger_sent_ids, run.ledger)
+        last = run.received()
+        history.append({"at_received": last, "in_flight": len(in_flight)})
+        await run.start_service()
+    delivered = await run.wait_delivered()
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    in_flight_total = sum(k["in_flight"] for k in history)
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={
+            "kills": len(history),
+            "in_flight_at_kills": [k["in_flight"] for k in history],
+            "killed_at_received": [k["at_received"] for k in history],
+            "dup_bound": in_flight_total,
+            "consuming": how,
+        },
+    )
+    assert_clean(report, problems, run.service.log_path, dup_bound=in_flight_total)
+    assert len(history) >= 2, f"only {len(history)} kills landed mid-stream"
+
+
+# --- 2. SMTP outage --------------------------------------------------------------------------
+
+
+async def test_smtp_server_down_and_back(fault_run: FaultRun) -> None:
+    """The SMTP server goes away for 10 s (full: 60 s) mid-stream; nothing lost or doubled."""
+    run = fault_run
+    events = run.factory.events_for(NOTIFICATIONS)
+    half = len(events) // 2
+    await run.publish(events[:half])
+    await run.start_service()
+    await run.reached(max(1, len(run.expected) // 4), DELIVERY_WITHIN)
+    _, members_before = await group_members(run.bootstrap, run.group)
+    outage = scaled(10, 60)
+    run.smtp.stop()
+    down_at = run.received()
+    await run.publish(events[half:])  # arrives during the outage
+    await asyncio.sleep(outage)
+    run.smtp.start()
+    delivered = await run.wait_delivered()
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    _, members_after = await group_members(run.bootstrap, run.group)
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={
+            "outage_s": outage,
+            "received_when_down": down_at,
+            "same_group_member": members_before == members_after,
+            "consuming": how,
+        },
+    )
+    assert_clean(report, problems, run.service.log_path)
+    assert members_before == members_after, (
+        f"the consumer left its group during the outage: {members_before} -> {members_after}"
+    )
+
+
+# --- 3. 4xx bursts ---------------------------------------------------------------------------
+
+
+async def test_bursts_of_4xx(fault_run: FaultRun) -> None:
+    """Bursts of 451 at end of DATA and 451 for one recipient at RCPT, while mail flows."""
+    run = fault_run
+    await run.publish(run.factory.events_for(NOTIFICATIONS))
+    total = len(run.expected)
+    stop = asyncio.Event()
+    bursts = {"data_451": 0, "rcpt_451_windows": 0}
+
+    async def inject() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(run.rng.uniform(0.3, 1.0))
+            n = run.rng.randint(3, 12)
+            run.smtp.fail_next(n, 451)
+            bursts["data_451"] += n
+            if run.rng.random() < 0.3:
+                run.smtp.fail_rcpt(f"u{run.rng.randrange(30)}@staff.test", 451, "4.2.1 busy")
+                bursts["rcpt_451_windows"] += 1
+                await asyncio.sleep(run.rng.uniform(0.2, 1.0))
+                run.smtp.clear_faults()
+
+    injector = asyncio.create_task(inject())
+    try:
+        await run.start_service()
+        await run.reached(int(total * 0.9), DELIVERY_WITHIN)
+    finally:
+        stop.set()
+        await injector
+        run.smtp.clear_faults()
+    delivered = await run.wait_delivered()
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    refused = run.smtp.data_attempts - len(run.smtp.messages)
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={**bursts, "data_refused_451": refused, "consuming": how},
+    )
+    assert_clean(report, problems, run.service.log_path)
+    assert refused > 0, "no 451 was ever answered: the case did not inject anything"
+
+
+# --- 4. one recipient always 550 -------------------------------------------------------------
+
+
+async def test_one_recipient_always_550(fault_run: FaultRun) -> None:
+    """Its notifications are dead-lettered (stage smtp); every other recipient is served."""
+    run = fault_run
+    blocked = "blocked@staff.test"
+    run.factory = EventFactory(run.rng, refuse=blocked, refuse_share=0.1)
+    run.smtp.fail_rcpt(blocked, 550, "5.1.1 no such mailbox")
+    await run.publish(run.factory.events_for(NOTIFICATIONS))
+    refused = sum(1 for p in run.published if p.record.refused)
+    await run.start_service()
+    delivered = await run.wait_delivered()
+    await wait_for_dead_letters(run.bootstrap, run.dlq, refused, 60)
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={"refused_events": refused, "consuming": how},
+    )
+    assert_clean(report, problems, run.service.log_path)
+    assert not any(blocked in m.rcpt_tos for m in run.smtp.messages)
+    assert report.dead_lettered == sum(1 for p in run.published if p.record.refused)
+
+
+# --- 5. Kafka broker restart -----------------------------------------------------------------
+
+
+async def test_broker_restart_mid_stream(
+    request: pytest.FixtureRequest, fault_run: FaultRun
+) -> None:
+    """The broker stops (SIGTERM) mid-stream and comes back on the same port."""
+    if os.environ.get("NOTIFY_TEST_KAFKA_BOOTSTRAP"):
+        pytest.skip("the broker is external: this case needs the session's own broker")
+    node = request.getfixturevalue("kafka_node")
+    run = fault_run
+    await run.publish(run.factory.events_for(NOTIFICATIONS))
+    total = len(run.expected)
+    await run.start_service()
+    down = scaled(5, 20)
+    try:
+        await run.reached(max(1, total // 4), DELIVERY_WITHIN)
+        down_at = run.received()
+        started = time.monotonic()
+        await asyncio.to_thread(node.stop)
+        stopped_in = time.monotonic() - started
+        await asyncio.sleep(down)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(node.start)
+        if not node.running:  # one more try: the rest of the session needs the broker
+            await asyncio.to_thread(node.start)
+    delivered = await run.wait_delivered()
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={
+            "down_s": down,
+            "stop_took_s": round(stopped_in, 1),
+            "received_when_stopped": down_at,
+            "consuming": how,
+        },
+    )
+    assert_clean(report, problems, run.service.log_path)
+
+
+# --- 6. poison -------------------------------------------------------------------------------
+
+
+async def test_poison_interleaved(fault_run: FaultRun) -> None:
+    """Every kind of poison between good events: each dead-lettered once, the rest served."""
+    run = fault_run
+    good = run.factory.events_for(NOTIFICATIONS)
+    poison = [p for _ in range(scaled(1, 3)) for p in poison_messages(run.factory)]
+    await run.publish(interleave(run.rng, good, poison))
+    sent = sum(1 for p in run.published if p.record.poison)
+    await run.start_service()
+    delivered = await run.wait_delivered()
+    await wait_for_dead_letters(run.bootstrap, run.dlq, sent, 60)
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={"poison_kinds": len({p.label for p in poison if p.poison}), "consuming": how},
+    )
+    assert_clean(report, problems, run.service.log_path)
+    assert report.dead_lettered == sent
+
+
+# --- 7. SIGTERM restarts ---------------------------------------------------------------------
+
+
+async def test_sigterm_restarts(fault_run: FaultRun) -> None:
+    """Graceful stops (SIGTERM) mid-stream, then restarts: nothing lost, nothing doubled."""
+    run = fault_run
+    await run.publish(run.factory.events_for(NOTIFICATIONS))
+    total = len(run.expected)
+    marks = sorted(int(total * run.rng.uniform(0.1, 0.8)) for _ in range(scaled(2, 4)))
+    await run.start_service()
+    stops: list[dict[str, float]] = []
+    for mark in marks:
+        await run.reached(mark, DELIVERY_WITHIN)
+        started = time.monotonic()
+        code = await asyncio.to_thread(run.service.stop, 30)
+        stops.append({"exit": code or 0, "seconds": round(time.monotonic() - started, 1)})
+        await run.start_service()
+    delivered = await run.wait_delivered()
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    report, problems = await run.finish(
+        still_consuming=consuming, details={"stops": stops, "consuming": how}
+    )
+    assert_clean(report, problems, run.service.log_path)
+    # uvicorn re-raises the SIGTERM it handled once shutdown is complete: -15 is graceful;
+    # -9 would mean ServiceProcess.stop() had to kill it after 30 s.
+    assert all(s["exit"] in (0, -signal.SIGTERM) for s in stops), f"SIGTERM stops: {stops}"
+    shutdowns = run.service.log_text().count("Application shutdown complete")
+    assert shutdowns >= len(stops), f"{shutdowns} clean shutdowns logged for {len(stops)} stops"
+
+
+# --- 8. replay of dead letters ---------------------------------------------------------------
+
+
+def notifier(env: dict[str, str], *args: str, within: float = 60) -> str:
+    """Run `python -m service ARGS` with the case's settings; its standard output."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+    environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), environ.get("PYTHONPATH", "")) if p
+    )
+    environ.update(env)
+    done = subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=within,
+        check=False,
+    )
+    assert done.returncode == 0, f"notifier {' '.join(args)}: {done.stdout}{done.stderr}"
+    return done.stdout.strip()
+
+
+async def test_dlq_replay_after_550(fault_run: FaultRun) -> None:
+    """A recipient refused with 550 is fixed; `notifier dlq replay --stage smtp` (twice)
+    delivers exactly its mails, and the ledger keeps everything else from going out again."""
+    run = fault_run
+    blocked = "fixed-later@staff.test"
+    run.factory = EventFactory(run.rng, refuse=blocked, refuse_share=0.3)
+    run.smtp.fail_rcpt(blocked, 550, "5.1.1 no such mailbox")
+    await run.publish(run.factory.events_for(scaled(60, 1000)))
+    refused_records = [p for p in run.published if p.record.refused]
+    refused_ids = frozenset().union(*(p.record.refused for p in refused_records))
+    await run.start_service()
+    delivered = await run.wait_delivered()
+    await wait_for_dead_letters(run.bootstrap, run.dlq, len(refused_records), 60)
+    run.smtp.clear_faults()
+    run.factory.refuse = None  # the probes of still_consuming() need no refused recipient
+    outputs = [await asyncio.to_thread(notifier, run.env, "dlq", "replay", "--stage", "smtp")]
+    run.also_expected |= refused_ids
+    replayed = await run.wait_delivered(scaled(30, 120))
+    outputs.append(await asyncio.to_thread(notifier, run.env, "dlq", "replay", "--stage", "smtp"))
+    await asyncio.sleep(3)  # a second replay must send nothing new
+    consuming, how = await run.still_consuming() if replayed else (False, "not delivered")
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={
+            "refused_records": len(refused_records),
+            "refused_mails": len(refused_ids),
+            "delivered_before_replay": delivered,
+            "replay_output": outputs,
+            "consuming": how,
+        },
+    )
+    assert_clean(report, problems, run.service.log_path)
+
+
+# --- 9. an address routing accepts but the message cannot carry --------------------------------
+
+
+async def test_unwritable_recipient_address(fault_run: FaultRun) -> None:
+    """An activityUsers token like "ü@staff.test" passes as an address; whatever becomes of
+    it (unresolved, or dead-lettered), the other recipient of that event and the events
+    after it, on the same ticket too, are served, and nothing is lost."""
+    run = fault_run
+    ticket = run.rng.randrange(run.factory.tickets)
+    odd = run.factory.event(ticket=ticket, users=["ü@staff.test", "fine@staff.test"])
+    assert odd.value is not None
+    sendable = frozenset(
+        mid
+        for mid, rcpt in expected_message_ids(odd.value, dict(odd.headers), unresolved_ok=True)
+        if rcpt.isascii()
+    )
+    odd = Outgoing("unwritable address", odd.key, odd.value, odd.headers, sendable)
+    await run.publish(
+        [
+            *run.factory.events_for(scaled(30, 800)),
+            odd,
+            *(run.factory.event(ticket=ticket) for _ in range(3)),
+            *run.factory.events_for(scaled(20, 200)),
+        ]
+    )
+    await run.start_service()
+    delivered = await run.wait_delivered()
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    dlq = await read_topic(run.bootstrap, run.dlq)
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={"dead_letter_stages": [d.header("x-error-stage") for d in dlq], "consuming": how},
+    )
+    # The odd record may be dead-lettered (a permanent failure of one recipient) or not.
+    problems = [p for p in problems if not p.startswith("unexpected dead letter")]
+    assert_clean(report, problems, run.service.log_path)
+
+
+# --- 10. poison the dead-letter topic cannot take as it is ------------------------------------
+
+
+async def test_poison_at_the_size_limit(fault_run: FaultRun) -> None:
+    """Garbage as large as a producer sends by default: its dead letter (the value plus the
+    x-* headers) is over that limit. It must still reach the dead-letter topic (truncated
+    or not), and the good events after it, on the same ticket too, must be served."""
+    run = fault_run
+    ticket = run.rng.randrange(run.factory.tickets)
+    key = run.factory.ticket_key(ticket)
+    size = largest_value(key)
+    big = Outgoing("garbage at the size limit", key, run.rng.randbytes(size), (), stage="decode")
+    await run.publish(
+        [
+            *run.factory.events_for(scaled(40, 800)),
+            run.factory.event(ticket=ticket),
+            big,
+            *(run.factory.event(ticket=ticket) for _ in range(3)),
+            *run.factory.events_for(scaled(20, 200)),
+        ]
+    )
+    await run.start_service()
+    delivered = await run.wait_delivered()
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    dlq = await read_topic(run.bootstrap, run.dlq)
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={"value_bytes": size, "dead_letters": len(dlq), "consuming": how},
+    )
+    # A dead letter this large may carry a truncated value; everything else must hold.
+    problems = [p for p in problems if "value changed" not in p]
+    assert_clean(report, problems, run.service.log_path)
+
+
+# --- 11. the dead-letter topic refuses records for a while ------------------------------------
+
+
+async def test_dead_letter_topic_refuses_then_recovers(fault_run: FaultRun) -> None:
+    """The dead-letter topic refuses every record for a while (max.message.bytes too small,
+    as after a bad config change). Poison meanwhile must wait, not vanish; good events on
+    the same tickets must not be skipped; once the topic takes records again, every poison
+    is dead-lettered and every good mail delivered exactly once."""
+    run = fault_run
+    await set_topic_config(run.bootstrap, run.dlq, {"max.message.bytes": "64"})
+    good = run.factory.events_for(scaled(100, 1000))
+    poison = [p for p in poison_messages(run.factory) if p.poison and len(p.value or b"") < 5000]
+    await run.publish(interleave(run.rng, good, poison))
+    await run.start_service()
+    refusing = scaled(8, 20)
+    await asyncio.sleep(refusing)
+    received_while_refusing = run.received()
+    await set_topic_config(run.bootstrap, run.dlq, {"max.message.bytes": "1048588"})
+    delivered = await run.wait_delivered()
+    sent = sum(1 for p in run.published if p.record.poison)
+    with contextlib.suppress(AssertionError):
+        await wait_for_dead_letters(run.bootstrap, run.dlq, sent, 30)
+    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    report, problems = await run.finish(
+        still_consuming=consuming,
+        details={
+            "refusing_s": refusing,
+            "received_while_refusing": received_while_refusing,
+            "consuming": how,
+        },
+    )
+    assert_clean(report, problems, run.service.log_path)
