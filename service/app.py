@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.kafka import KafkaBroker
@@ -29,6 +30,10 @@ from service.settings import Settings, SettingsError
 log = logging.getLogger("service.app")
 
 LAG_INTERVAL_SECONDS = 10.0
+REWIND_PAUSE_SECONDS = 1.0
+# A dead letter keeps at most this much of an oversized value (the original stays
+# readable on the main topic at x-original-offset while retention lasts).
+DLQ_TRUNCATED_BYTES = 64 * 1024
 
 
 class KafkaDeadLetters:
@@ -61,9 +66,25 @@ class KafkaDeadLetters:
             ("x-original-partition", str(record.partition).encode()),
             ("x-original-offset", str(record.offset).encode()),
         ]
-        await self._producer.send_and_wait(
-            self._topic, value=record.value, key=record.key, headers=headers
-        )
+        try:
+            try:
+                await self._producer.send_and_wait(
+                    self._topic, value=record.value, key=record.key, headers=headers
+                )
+            except MessageSizeTooLargeError:
+                # Our headers pushed a value near the size limit over it: the reason and
+                # the coordinates matter more than the bytes, which the main topic keeps.
+                size = len(record.value or b"")
+                await self._producer.send_and_wait(
+                    self._topic,
+                    value=(record.value or b"")[:DLQ_TRUNCATED_BYTES],
+                    key=record.key,
+                    headers=[*headers, ("x-error-truncated", str(size).encode())],
+                )
+        except KafkaError as exc:
+            # The record cannot be committed before its dead letter is stored: retry later.
+            log.warning("dead letter not stored", extra={"error": type(exc).__name__})
+            raise RetryLater from exc
 
 
 def _one_line(text: str) -> str:
@@ -234,7 +255,19 @@ def create_app(settings: Settings) -> AsgiFastStream:
             await dispatcher.handle_batch(records)
         except RetryLater:
             # Rewind every partition of the batch; the ledger keeps what was sent.
+            metrics.rewind("retry_later")
             await message.nack()
+            return
+        except Exception as exc:
+            # Anything unforeseen must not let the next commit pass these records by:
+            # rewind too, and pause so a persistent fault does not spin.
+            metrics.rewind("error")
+            log.error(
+                "batch failed, rewinding",
+                extra={"error": type(exc).__name__, "records": len(records)},
+            )
+            await message.nack()
+            await asyncio.sleep(REWIND_PAUSE_SECONDS)
             return
         await message.ack()
 

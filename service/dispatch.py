@@ -189,8 +189,8 @@ class Dispatcher:
         since, so a later record of the same activity in this batch skips them too.
         """
         if isinstance(item, InvalidEvent):
-            self._metrics.event(None, "dead_lettered")
             await self._dead_letter(record, {}, Failure(item.stage, item.reason))
+            self._metrics.event(None, "dead_lettered")
             return
         event, result, ids = item.event, item.result, item.ids
         for unresolved in result.unresolved:
@@ -232,8 +232,8 @@ class Dispatcher:
             if outcome is not None:
                 failures.append(outcome)
         if failures:
-            self._metrics.event(event.type, "dead_lettered")
             await self._dead_letter(record, ids, *failures)
+            self._metrics.event(event.type, "dead_lettered")
         else:
             self._metrics.event(event.type, "processed")
 

@@ -83,6 +83,12 @@ class Metrics:
         self.retries = Counter(
             "notifier_retries", "Backoff waits before a retry.", registry=registry
         )
+        self.rewinds = Counter(
+            "notifier_batch_rewinds",
+            "Batches rewound uncommitted, by reason (retry_later, error).",
+            ["reason"],
+            registry=registry,
+        )
         self.smtp_send_seconds = Histogram(
             "notifier_smtp_send_seconds",
             "Time to hand one message to the SMTP server.",
@@ -141,6 +147,8 @@ class Metrics:
         }
         self._smtp = {outcome: self.smtp_send_seconds.labels(outcome) for outcome in SMTP_OUTCOMES}
         self._stages = {stage: self.dead_letters.labels(stage) for stage in STAGES}
+        for reason in ("retry_later", "error"):
+            self.rewinds.labels(reason)
         self._open = self.pool_connections.labels("open")
         self._busy = self.pool_connections.labels("busy")
         # Process memory, CPU and file descriptors, in this registry rather than the global.
@@ -159,6 +167,9 @@ class Metrics:
 
     def retry(self) -> None:
         self.retries.inc()
+
+    def rewind(self, reason: str) -> None:
+        self.rewinds.labels(reason).inc()
 
     def delivered(self, event_time: datetime | None) -> None:
         if event_time is None:

@@ -48,9 +48,11 @@ async def replay(
     await producer.start()
     count = 0
     try:
+        # A consumer with no subscription has no metadata for the topic; the producer
+        # fetches it on demand.
         partitions = [
             TopicPartition(settings.dlq_topic, p)
-            for p in sorted(consumer.partitions_for_topic(settings.dlq_topic) or ())
+            for p in sorted(await producer.partitions_for(settings.dlq_topic) or ())
         ]
         if not partitions:
             return 0
