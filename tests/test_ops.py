@@ -64,6 +64,7 @@ DOCUMENTED: dict[str, tuple[str, dict[str, Allowed]]] = {
     ),
     "notifier_dead_letters_total": ("counter", {"stage": STAGES}),
     "notifier_retries_total": ("counter", {}),
+    "notifier_batch_rewinds_total": ("counter", {"reason": {"retry_later", "error"}}),
     "notifier_smtp_send_seconds": ("histogram", {"outcome": SMTP_OUTCOMES}),
     "notifier_render_seconds": ("histogram", {}),
     "notifier_delivery_latency_seconds": ("histogram", {}),
