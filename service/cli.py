@@ -8,22 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.settings import Settings, SettingsError, load_settings
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"notifier: bad setting: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+from service.settings import SettingsError, settings_or_exit
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.logs import configure_logging
 
-    settings = _settings()
+    settings = settings_or_exit()
     configure_logging(settings.log_level)
     try:
         app = create_app(settings)
@@ -49,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from service.preview import preview
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         return preview(settings, Path(args.event), Path(args.out) if args.out else None)
     except SettingsError as exc:
@@ -60,7 +52,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     from service.replay import replay
 
-    settings = _settings()
+    settings = settings_or_exit()
     count = asyncio.run(
         replay(
             settings,

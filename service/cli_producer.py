@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from service.events import InvalidEvent, Ticket
 from service.publisher import InvalidActivity, Outgoing, Publisher, build_event, encode_event
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, SettingsError, read_settings, settings_or_exit
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -103,7 +103,7 @@ def load_ticket(path: Path) -> Ticket:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         ticket = load_ticket(Path(args.ticket_json)) if args.ticket_json else None
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
@@ -142,7 +142,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     from service.cursor import CursorError
     from service.logs import configure_logging
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         bridge_settings = load_bridge_settings()
     except SettingsError as exc:
@@ -213,18 +213,4 @@ def load_bridge_settings(**overrides: Any) -> BridgeSettings:
     """Read the bridge settings; SettingsError with one line naming the variable if bad."""
     from service.bridge import ENV_PREFIX, BridgeSettings
 
-    try:
-        return BridgeSettings(**overrides)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else ENV_PREFIX
-        message = "not set" if error["type"] == "missing" else str(error["msg"])
-        raise SettingsError(f"{name}: {message.removeprefix('Value error, ')}") from None
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"notifier: bad setting: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return read_settings(BridgeSettings, ENV_PREFIX, **overrides)

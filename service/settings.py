@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import sys
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "NOTIFY_"
+S = TypeVar("S", bound=BaseSettings)
 
 
 def default_templates_dir() -> Path:
@@ -127,15 +129,29 @@ class SettingsError(Exception):
     """A setting is invalid; the message is one line naming it."""
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read the settings, turning pydantic's report into one line that names the variable."""
+def read_settings(cls: type[S], prefix: str, **overrides: Any) -> S:
+    """Build a settings model, turning pydantic's report into one line naming the variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return cls(**overrides)
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = [str(part) for part in error["loc"]]
-        message = str(error["msg"]).removeprefix("Value error, ")
+        message = "not set" if error["type"] == "missing" else str(error["msg"])
+        message = message.removeprefix("Value error, ")
         if loc:
-            name = ENV_PREFIX + loc[0].upper()
-            raise SettingsError(f"{name}: {message}") from None
+            raise SettingsError(f"{prefix}{loc[0].upper()}: {message}") from None
         raise SettingsError(message) from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The service's settings (NOTIFY_*); SettingsError with one line if one is bad."""
+    return read_settings(Settings, ENV_PREFIX, **overrides)
+
+
+def settings_or_exit() -> Settings:
+    """For the command line: the settings, or the bad one named on stderr and exit 2."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"notifier: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
