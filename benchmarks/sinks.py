@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from service.devstack import terminate
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _MESG = re.compile(rb"mesg=(\d+)")
 
@@ -104,13 +106,7 @@ class SmtpSink:
         return stamp if count > base else None
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, 5)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -152,13 +148,7 @@ class StampingSink:
         wait_port(self.port, 15)
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, 10)
 
     def stamps(self) -> list[tuple[float, str]]:
         out = []

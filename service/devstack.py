@@ -262,13 +262,7 @@ class KafkaNode:
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM (clean shutdown), then SIGKILL if the broker is still up after timeout."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, timeout)
         self._closed()
 
     def kill(self) -> None:
@@ -301,6 +295,20 @@ class KafkaNode:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def terminate(proc: subprocess.Popen[Any] | None, timeout: float) -> int | None:
+    """SIGTERM, then SIGKILL if the process is still there after `timeout`; its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def _accepts(port: int) -> bool:

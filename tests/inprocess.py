@@ -20,10 +20,12 @@ from service.settings import Settings, load_settings
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def service_settings(
+def service_values(
     tmp_path: Path, *, bootstrap: str, topic: str, smtp_port: int, **overrides: Any
-) -> Settings:
-    """Settings for a test service on loopback with the example directory and attachments."""
+) -> dict[str, Any]:
+    """Settings (by field name) for a test service on loopback with the example directory
+    and attachments, a ledger in `tmp_path` and short retries; the one set every test
+    that runs the service starts from."""
     values: dict[str, Any] = {
         "kafka_bootstrap_servers": bootstrap,
         "topic": topic,
@@ -31,6 +33,7 @@ def service_settings(
         "group_id": f"{topic}-notifier",
         "smtp_host": "127.0.0.1",
         "smtp_port": smtp_port,
+        "smtp_timeout_seconds": 5,
         "mail_from": "Helpdesk <helpdesk@helpdesk.test>",
         "reply_to": "support@helpdesk.test",
         "directory_file": EXAMPLES / "directory.yaml",
@@ -39,11 +42,33 @@ def service_settings(
         "http_port": free_port(),
         "retry_initial_seconds": 0.05,
         "retry_max_seconds": 0.5,
-        "retry_budget_seconds": 5.0,
+        "retry_budget_seconds": 10.0,
         "session_timeout_ms": 6000,
+        "log_level": "INFO",
     }
     values.update(overrides)
-    return load_settings(**values)
+    return values
+
+
+def service_settings(
+    tmp_path: Path, *, bootstrap: str, topic: str, smtp_port: int, **overrides: Any
+) -> Settings:
+    """The same, as a Settings object for `running_service`."""
+    return load_settings(
+        **service_values(
+            tmp_path, bootstrap=bootstrap, topic=topic, smtp_port=smtp_port, **overrides
+        )
+    )
+
+
+def service_env(
+    tmp_path: Path, *, bootstrap: str, topic: str, smtp_port: int, **overrides: Any
+) -> dict[str, str]:
+    """The same, as NOTIFY_* variables for a `notifier run` child process (None: unset)."""
+    values = service_values(
+        tmp_path, bootstrap=bootstrap, topic=topic, smtp_port=smtp_port, **overrides
+    )
+    return {f"NOTIFY_{k.upper()}": str(v) for k, v in values.items() if v is not None}
 
 
 @contextlib.asynccontextmanager

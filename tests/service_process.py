@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import httpx
+
+from service.devstack import terminate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,14 +115,7 @@ class ServiceProcess:
         After a graceful shutdown the code is -SIGTERM: uvicorn re-raises the signal it
         caught once it has shut down, so the process ends "killed by SIGTERM".
         """
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self._proc, timeout)
         return self._closed()
 
     def kill(self) -> int | None:

@@ -27,6 +27,7 @@ from service.devstack import free_port
 from service.logs import JsonFormatter
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
+from tests.inprocess import service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder
 
@@ -571,29 +572,18 @@ async def test_logs_of_a_processed_event_carry_ids_and_never_texts(
 # -- the real service (subprocess, real broker, real SMTP server) --------------------------
 
 
-def service_env(kafka_bootstrap: str, topic: str, smtp_port: int, tmp_path: Path) -> dict[str, str]:
-    return {
-        "NOTIFY_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "NOTIFY_TOPIC": topic,
-        "NOTIFY_DLQ_TOPIC": f"{topic}.dlq",
-        "NOTIFY_GROUP_ID": f"group-{topic}",
-        "NOTIFY_SMTP_HOST": "127.0.0.1",
-        "NOTIFY_SMTP_PORT": str(smtp_port),
-        "NOTIFY_SMTP_TIMEOUT_SECONDS": "3",
-        "NOTIFY_MAIL_FROM": "Helpdesk <helpdesk@helpdesk.test>",
-        "NOTIFY_DIRECTORY_FILE": str(EXAMPLES / "directory.yaml"),
-        "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
-        "NOTIFY_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
-        "NOTIFY_LOG_LEVEL": "INFO",
-    }
-
-
 @pytest.fixture
 async def running_service(
     kafka_bootstrap: str, topic: str, smtp_server: SmtpRecorder, tmp_path: Path
 ) -> AsyncIterator[ServiceProcess]:
     proc = ServiceProcess(
-        service_env(kafka_bootstrap, topic, smtp_server.port, tmp_path),
+        service_env(
+            tmp_path,
+            bootstrap=kafka_bootstrap,
+            topic=topic,
+            smtp_port=smtp_server.port,
+            smtp_timeout_seconds=3,
+        ),
         free_port(),
         log_path=tmp_path / "service.log",
     )

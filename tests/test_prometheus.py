@@ -7,7 +7,6 @@ import contextlib
 import json
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +19,8 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
 
-from service.devstack import free_port
+from service.devstack import free_port, terminate
+from tests.inprocess import service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder
 
@@ -106,13 +106,7 @@ class PrometheusServer:
         raise RuntimeError(f"prometheus not ready after {timeout} s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, 10)
         self._proc = None
 
     def api(self, path: str, **params: Any) -> Any:
@@ -254,22 +248,14 @@ async def poll(check: Callable[[], Any], until: float, what: str) -> Any:
 async def service(
     kafka_bootstrap: str, topic: str, smtp_server: SmtpRecorder, tmp_path: Path
 ) -> AsyncIterator[ServiceProcess]:
-    env = {
-        "NOTIFY_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "NOTIFY_TOPIC": topic,
-        "NOTIFY_DLQ_TOPIC": f"{topic}.dlq",
-        "NOTIFY_GROUP_ID": f"group-{topic}",
-        "NOTIFY_SMTP_HOST": "127.0.0.1",
-        "NOTIFY_SMTP_PORT": str(smtp_server.port),
-        "NOTIFY_SMTP_TIMEOUT_SECONDS": "3",
-        "NOTIFY_MAIL_FROM": "Helpdesk <helpdesk@helpdesk.test>",
-        "NOTIFY_DIRECTORY_FILE": str(EXAMPLES / "directory.yaml"),
-        "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
-        "NOTIFY_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
-        "NOTIFY_RETRY_INITIAL_SECONDS": "0.05",
-        "NOTIFY_RETRY_MAX_SECONDS": "0.5",
-        "NOTIFY_RETRY_BUDGET_SECONDS": "10",
-    }
+    env = service_env(
+        tmp_path,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        smtp_port=smtp_server.port,
+        smtp_timeout_seconds=3,
+        reply_to=None,
+    )
     proc = ServiceProcess(env, free_port(), log_path=tmp_path / "service.log")
     await asyncio.to_thread(proc.start, 30)
     try:

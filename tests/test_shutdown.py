@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.devstack import free_port
-from tests.inprocess import EXAMPLES, publish
+from tests.inprocess import publish, service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder
 
@@ -56,19 +56,15 @@ async def test_sigterm_finishes_or_abandons_in_flight_work_without_loss(
     tmp_path: Path, kafka_bootstrap: str, topic: str, smtp_server: SmtpRecorder
 ) -> None:
     smtp_server.delay = 0.05  # slow enough that the stop lands mid-stream
-    env = {
-        "NOTIFY_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "NOTIFY_TOPIC": topic,
-        "NOTIFY_DLQ_TOPIC": f"{topic}.dlq",
-        "NOTIFY_GROUP_ID": f"group-{topic}",
-        "NOTIFY_SMTP_HOST": "127.0.0.1",
-        "NOTIFY_SMTP_PORT": str(smtp_server.port),
-        "NOTIFY_SMTP_POOL_SIZE": "4",
-        "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
-        "NOTIFY_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
-        "NOTIFY_GRACEFUL_TIMEOUT_SECONDS": "10",
-        "NOTIFY_SESSION_TIMEOUT_MS": "6000",
-    }
+    env = service_env(
+        tmp_path,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        smtp_port=smtp_server.port,
+        smtp_pool_size=4,
+        directory_file=None,
+        graceful_timeout_seconds=10,
+    )
     service = ServiceProcess(env, free_port(), log_path=tmp_path / "service.log")
     service.start(timeout=60)
     await publish(kafka_bootstrap, topic, [event(i) for i in range(EVENTS)])

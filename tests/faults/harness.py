@@ -38,6 +38,7 @@ from service.directory import Directory
 from service.events import cloudevent_for, parse_event
 from service.message import message_id
 from service.routing import RoutingPolicy, route
+from tests.inprocess import service_env as shared_service_env
 from tests.support import Received, SmtpRecorder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -553,32 +554,25 @@ def ledger_sent_ids(path: Path) -> set[str]:
 
 
 def service_env(
-    *, bootstrap: str, topic: str, smtp_port: int, ledger: Path, **overrides: str
+    *, bootstrap: str, topic: str, smtp_port: int, ledger: Path, **overrides: Any
 ) -> dict[str, str]:
-    """NOTIFY_* for a service tuned for this suite: small retries, short session, pool 8."""
-    env = {
-        "NOTIFY_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "NOTIFY_TOPIC": topic,
-        "NOTIFY_DLQ_TOPIC": f"{topic}.dlq",
-        "NOTIFY_GROUP_ID": f"{topic}-notifier",
-        "NOTIFY_SMTP_HOST": "127.0.0.1",
-        "NOTIFY_SMTP_PORT": str(smtp_port),
-        "NOTIFY_SMTP_POOL_SIZE": "8",
-        "NOTIFY_SMTP_TIMEOUT_SECONDS": "5",
-        "NOTIFY_MAIL_FROM": MAIL_FROM,
-        "NOTIFY_MESSAGE_ID_DOMAIN": DOMAIN,
-        "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
-        "NOTIFY_LEDGER_URL": f"sqlite:///{ledger}",
-        "NOTIFY_RETRY_INITIAL_SECONDS": "0.05",
-        "NOTIFY_RETRY_MAX_SECONDS": "1",
-        "NOTIFY_RETRY_BUDGET_SECONDS": "10",
-        "NOTIFY_SESSION_TIMEOUT_MS": "6000",
-        "NOTIFY_GRACEFUL_TIMEOUT_SECONDS": "5",
-        "NOTIFY_BATCH_MAX_RECORDS": "200",
-        "NOTIFY_LOG_LEVEL": "INFO",
-    }
-    env.update(overrides)
-    return env
+    """NOTIFY_* for a service tuned for this suite: pool 8, batches of 200, no directory."""
+    return shared_service_env(
+        ledger.parent,
+        bootstrap=bootstrap,
+        topic=topic,
+        smtp_port=smtp_port,
+        ledger_url=f"sqlite:///{ledger}",
+        directory_file=None,
+        reply_to=None,
+        mail_from=MAIL_FROM,
+        message_id_domain=DOMAIN,
+        smtp_pool_size=8,
+        retry_max_seconds=1,
+        graceful_timeout_seconds=5,
+        batch_max_records=200,
+        **overrides,
+    )
 
 
 def new_http_port() -> int:
