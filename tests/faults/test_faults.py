@@ -164,6 +164,10 @@ class FaultRun:
         except Exception:  # broker just restarting, group rebalancing: not known yet
             return False
 
+    async def probe_if(self, delivered: bool) -> tuple[bool, str]:
+        """still_consuming(), unless the mail never arrived: then nothing is worth probing."""
+        return await self.still_consuming() if delivered else (False, "not delivered")
+
     async def still_consuming(self) -> tuple[bool, str]:
         """New events after the fault are served, and the group has a stable member."""
         probes = [self.factory.event() for _ in range(PROBES)]
@@ -308,7 +312,7 @@ async def test_sigkill_at_random_moments(fault_run: FaultRun) -> None:
         history.append({"at_received": last, "in_flight": len(in_flight)})
         await run.start_service()
     delivered = await run.wait_delivered()
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     in_flight_total = sum(k["in_flight"] for k in history)
     report, problems = await run.finish(
         still_consuming=consuming,
@@ -343,7 +347,7 @@ async def test_smtp_server_down_and_back(fault_run: FaultRun) -> None:
     await asyncio.sleep(outage)
     run.smtp.start()
     delivered = await run.wait_delivered()
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     _, members_after = await group_members(run.bootstrap, run.group)
     report, problems = await run.finish(
         still_consuming=consuming,
@@ -392,7 +396,7 @@ async def test_bursts_of_4xx(fault_run: FaultRun) -> None:
         await injector
         run.smtp.clear_faults()
     delivered = await run.wait_delivered()
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     refused = run.smtp.data_attempts - len(run.smtp.messages)
     report, problems = await run.finish(
         still_consuming=consuming,
@@ -416,7 +420,7 @@ async def test_one_recipient_always_550(fault_run: FaultRun) -> None:
     await run.start_service()
     delivered = await run.wait_delivered()
     await wait_for_dead_letters(run.bootstrap, run.dlq, refused, 60)
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     report, problems = await run.finish(
         still_consuming=consuming,
         details={"refused_events": refused, "consuming": how},
@@ -454,7 +458,7 @@ async def test_broker_restart_mid_stream(
         if not node.running:  # one more try: the rest of the session needs the broker
             await asyncio.to_thread(node.start)
     delivered = await run.wait_delivered()
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     report, problems = await run.finish(
         still_consuming=consuming,
         details={
@@ -480,7 +484,7 @@ async def test_poison_interleaved(fault_run: FaultRun) -> None:
     await run.start_service()
     delivered = await run.wait_delivered()
     await wait_for_dead_letters(run.bootstrap, run.dlq, sent, 60)
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     report, problems = await run.finish(
         still_consuming=consuming,
         details={"poison_kinds": len({p.label for p in poison if p.poison}), "consuming": how},
@@ -507,7 +511,7 @@ async def test_sigterm_restarts(fault_run: FaultRun) -> None:
         stops.append({"exit": code or 0, "seconds": round(time.monotonic() - started, 1)})
         await run.start_service()
     delivered = await run.wait_delivered()
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     report, problems = await run.finish(
         still_consuming=consuming, details={"stops": stops, "consuming": how}
     )
@@ -562,7 +566,7 @@ async def test_dlq_replay_after_550(fault_run: FaultRun) -> None:
     replayed = await run.wait_delivered(scaled(30, 120))
     outputs.append(await asyncio.to_thread(notifier, run.env, "dlq", "replay", "--stage", "smtp"))
     await asyncio.sleep(3)  # a second replay must send nothing new
-    consuming, how = await run.still_consuming() if replayed else (False, "not delivered")
+    consuming, how = await run.probe_if(replayed)
     report, problems = await run.finish(
         still_consuming=consuming,
         details={
@@ -603,7 +607,7 @@ async def test_unwritable_recipient_address(fault_run: FaultRun) -> None:
     )
     await run.start_service()
     delivered = await run.wait_delivered()
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     dlq = await read_topic(run.bootstrap, run.dlq)
     report, problems = await run.finish(
         still_consuming=consuming,
@@ -637,7 +641,7 @@ async def test_poison_at_the_size_limit(fault_run: FaultRun) -> None:
     )
     await run.start_service()
     delivered = await run.wait_delivered()
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     dlq = await read_topic(run.bootstrap, run.dlq)
     report, problems = await run.finish(
         still_consuming=consuming,
@@ -670,7 +674,7 @@ async def test_dead_letter_topic_refuses_then_recovers(fault_run: FaultRun) -> N
     sent = sum(1 for p in run.published if p.record.poison)
     with contextlib.suppress(AssertionError):
         await wait_for_dead_letters(run.bootstrap, run.dlq, sent, 30)
-    consuming, how = await run.still_consuming() if delivered else (False, "not delivered")
+    consuming, how = await run.probe_if(delivered)
     report, problems = await run.finish(
         still_consuming=consuming,
         details={
