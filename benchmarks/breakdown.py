@@ -139,8 +139,7 @@ def _metrics_cost(count: int) -> float:
 
     def per_mail() -> None:
         for _ in range(count):
-            with metrics.render_timer():
-                pass
+            metrics.rendered(0.001)
             with metrics.in_flight():
                 metrics.connections(8, 3)
                 metrics.send_finished(0.001, "accepted")
@@ -193,6 +192,7 @@ async def _dispatcher_cpu(workload: Any, raw: list[bytes], ledger_path: Path) ->
     from prometheus_client import CollectorRegistry
 
     from service.dispatch import DeliveryConfig, Dispatcher, Record
+    from service.prepare import PreparerSpec
 
     logging.getLogger("service").setLevel(logging.INFO)
     handler = logging.StreamHandler(io.StringIO())
@@ -202,15 +202,17 @@ async def _dispatcher_cpu(workload: Any, raw: list[bytes], ledger_path: Path) ->
     ledger = SqliteLedger(ledger_path)
     await ledger.open()
     dispatcher = Dispatcher(
-        config=DeliveryConfig(
+        config=DeliveryConfig(envelope_from="helpdesk@helpdesk.test", domain="helpdesk.test"),
+        directory=load_directory(workload.directory_file),
+        preparer=PreparerSpec(
+            templates_dir=default_templates_dir(),
+            attachments_dir=workload.attachments_dir,
+            max_attachment_bytes=10 << 20,
+            max_mail_bytes=25 << 20,
             sender="Helpdesk <helpdesk@helpdesk.test>",
-            envelope_from="helpdesk@helpdesk.test",
             reply_to="support@helpdesk.test",
             domain="helpdesk.test",
-        ),
-        directory=load_directory(workload.directory_file),
-        renderer=Renderer(default_templates_dir()),
-        store=DirectoryAttachmentStore(workload.attachments_dir, 10 << 20, 25 << 20),
+        ).create(),
         ledger=ledger,
         mailer=_NullMailer(),
         dead_letters=_NullDeadLetters(),

@@ -2,6 +2,7 @@
 
 A subprocess is the honest way to measure the service alone: its CPU time and RSS are
 not mixed with the harness, the broker client that pre-loads the backlog, or the sinks.
+They are summed over the service and its children: the render workers are the service too.
 """
 
 from __future__ import annotations
@@ -93,17 +94,29 @@ class ServiceProcess:
                 time.sleep(0.05)
         raise RuntimeError(f"service not healthy after {timeout} s:\n{self.log_tail()}")
 
+    def _tree(self) -> list[psutil.Process]:
+        """The service and its worker processes (NOTIFY_RENDER_WORKERS): all count."""
+        assert self._ps is not None
+        try:
+            return [self._ps, *self._ps.children(recursive=True)]
+        except psutil.Error:
+            return [self._ps]
+
     def _sample(self) -> None:
         assert self._ps is not None
         while not self._stop.is_set():
-            try:
-                with self._ps.oneshot():
-                    cpu = self._ps.cpu_times()
-                    rss = self._ps.memory_info().rss
-            except psutil.Error:
-                return
+            cpu = rss = 0.0
+            for process in self._tree():
+                try:
+                    with process.oneshot():
+                        times = process.cpu_times()
+                        cpu += times.user + times.system
+                        rss += process.memory_info().rss
+                except psutil.Error:
+                    if process is self._ps:
+                        return
             count = self.progress() if self.progress is not None else 0
-            self.samples.append(Sample(time.monotonic(), cpu.user + cpu.system, rss, count))
+            self.samples.append(Sample(time.monotonic(), cpu, int(rss), count))
             self._stop.wait(self.interval)
 
     def cpu_at(self, t: float) -> float:
@@ -120,15 +133,16 @@ class ServiceProcess:
         return a.cpu + (b.cpu - a.cpu) * (t - a.t) / (b.t - a.t)
 
     def peak_rss(self) -> int:
-        """VmHWM (the kernel's peak RSS) while the process lives, else the sampled maximum."""
+        """Sum of VmHWM (the kernel's peak RSS) over the live processes, else the sampled max."""
         sampled = max((s.rss for s in self.samples), default=0)
-        with contextlib.suppress(OSError):
-            assert self._proc is not None
-            status = Path(f"/proc/{self._proc.pid}/status").read_text()
-            found = re.search(r"VmHWM:\s+(\d+) kB", status)
-            if found:
-                return max(sampled, int(found[1]) * 1024)
-        return sampled
+        peaks = 0
+        for process in self._tree():
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                found = re.search(r"VmHWM:\s+(\d+) kB", status)
+                if found:
+                    peaks += int(found[1]) * 1024
+        return max(sampled, peaks)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=10).text

@@ -23,6 +23,7 @@ from service.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
 from service.ledger import SqliteLedger
 from service.mail import SmtpConfig, SmtpPool
 from service.metrics import Metrics
+from service.prepare import PreparePool, Preparer, PreparerSpec
 from service.render import Renderer, RenderError
 from service.routing import RoutingPolicy
 from service.settings import Settings, SettingsError
@@ -143,11 +144,21 @@ def build_parts(settings: Settings) -> Parts:
     return Parts(settings, directory, renderer, store, registry, Metrics(registry))
 
 
+def preparer_spec(settings: Settings) -> PreparerSpec:
+    return PreparerSpec(
+        templates_dir=settings.templates_dir,
+        attachments_dir=settings.attachments_dir,
+        max_attachment_bytes=settings.max_attachment_bytes,
+        max_mail_bytes=settings.max_mail_bytes,
+        sender=settings.mail_from,
+        reply_to=settings.reply_to,
+        domain=settings.mail_domain,
+    )
+
+
 def delivery_config(settings: Settings) -> DeliveryConfig:
     return DeliveryConfig(
-        sender=settings.mail_from,
         envelope_from=settings.envelope_from,
-        reply_to=settings.reply_to,
         domain=settings.mail_domain,
         policy=RoutingPolicy(
             suppliers_may_receive_personal_data=settings.suppliers_may_receive_personal_data
@@ -221,15 +232,17 @@ def create_app(settings: Settings) -> AsgiFastStream:
     metrics.pool_size.set(settings.smtp_pool_size)
     ledger = SqliteLedger.from_url(settings.ledger_url)
     dead_letters = KafkaDeadLetters(settings.kafka_bootstrap_servers, settings.dlq_topic)
+    spec = preparer_spec(settings)
+    workers = PreparePool(spec, settings.render_workers) if settings.render_workers else None
     dispatcher = Dispatcher(
         config=delivery_config(settings),
         directory=parts.directory,
-        renderer=parts.renderer,
-        store=parts.store,
+        preparer=Preparer(parts.renderer, parts.store, spec),
         ledger=ledger,
         mailer=pool,
         dead_letters=dead_letters,
         metrics=metrics,
+        pool=workers,
     )
     subscriber = broker.subscriber(
         settings.topic,
@@ -284,6 +297,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
                     log.warning("consumer lag not measured", extra={"error": type(exc).__name__})
 
     async def start() -> None:
+        if workers is not None:
+            await workers.start()
         await ledger.open()
         await dead_letters.start()
         tasks.append(asyncio.create_task(report_lag()))
@@ -297,6 +312,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
         await dead_letters.stop()
         await pool.close()
         await ledger.close()
+        if workers is not None:
+            workers.close()
 
     @get
     async def healthz(scope: Any) -> AsgiResponse:

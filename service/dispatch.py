@@ -7,20 +7,17 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Protocol
 
-from service.attachments import AttachmentMissing, AttachmentRefused, AttachmentStore
 from service.directory import Directory
 from service.events import ActivityEvent, InvalidEvent, parse_event
 from service.ledger import Entry, Key, Ledger, Where
 from service.mail import Mailer, PermanentSmtpError, TransientSmtpError
-from service.message import build_message, message_id
+from service.message import message_id
 from service.metrics import Metrics
-from service.mime import AddressError
-from service.render import Renderer, RenderError
+from service.prepare import NotPrepared, Outcome, PreparePool, Preparer, WorkerLost
 from service.routing import Notification, RoutingPolicy, RoutingResult, route
 
 log = logging.getLogger("service.dispatch")
@@ -61,9 +58,7 @@ class Failure:
 class DeliveryConfig:
     """The settings the dispatcher needs, as plain values."""
 
-    sender: str
     envelope_from: str
-    reply_to: str | None
     domain: str
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     concurrency: int = 64
@@ -71,6 +66,21 @@ class DeliveryConfig:
     retry_max: float = 30.0
     retry_budget: float = 120.0
     attachment_wait: float = 300.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What the records of one batch share while they are served.
+
+    `sent` holds the keys the ledger knew at the start of the batch plus every key sent
+    since, so a later record of the same activity in this batch skips them too.
+    `prepared` maps a notification (by identity) to its chunk in the worker pool.
+    """
+
+    sent: set[Key]
+    deadline: float
+    chunks: list[asyncio.Task[list[Outcome]]] = field(default_factory=list)
+    prepared: dict[int, tuple[asyncio.Task[list[Outcome]], int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +96,6 @@ def _where(record: Record) -> Where:
     return (record.topic, record.partition, record.offset)
 
 
-def _stage(exc: Exception) -> str:
-    """The x-error-stage of a failure while preparing a message."""
-    if isinstance(exc, RenderError):
-        return "render"
-    if isinstance(exc, AddressError):
-        return "address"
-    return "attachment"
-
-
 class Dispatcher:
     """Validate → route → render → send → record → count, for each record of a batch."""
 
@@ -103,17 +104,17 @@ class Dispatcher:
         *,
         config: DeliveryConfig,
         directory: Directory,
-        renderer: Renderer,
-        store: AttachmentStore,
+        preparer: Preparer,
         ledger: Ledger,
         mailer: Mailer,
         dead_letters: DeadLetterSink,
         metrics: Metrics,
+        pool: PreparePool | None = None,
     ) -> None:
         self._config = config
         self._directory = directory
-        self._renderer = renderer
-        self._store = store
+        self._preparer = preparer
+        self._pool = pool
         self._ledger = ledger
         self._mailer = mailer
         self._dead_letters = dead_letters
@@ -147,7 +148,8 @@ class Dispatcher:
         groups: dict[tuple[int, bytes | None], list[Record]] = defaultdict(list)
         for record in pending:
             groups[(record.partition, record.key)].append(record)
-        deadline = time.monotonic() + self._config.retry_budget
+        batch = _Batch(sent, time.monotonic() + self._config.retry_budget)
+        self._submit(batch, routed.values())
         slots = asyncio.Semaphore(self._config.concurrency)
 
         async def serve(group: list[Record]) -> None:
@@ -156,17 +158,40 @@ class Dispatcher:
                     # On shutdown, take no new record: what is left stays uncommitted.
                     if self._stopping.is_set():
                         raise RetryLater
-                    await self._serve(record, routed[_where(record)], sent, deadline)
+                    await self._serve(record, routed[_where(record)], batch)
 
-        results = await asyncio.gather(
-            *(serve(group) for group in groups.values()), return_exceptions=True
-        )
+        try:
+            results = await asyncio.gather(
+                *(serve(group) for group in groups.values()), return_exceptions=True
+            )
+        finally:
+            # Chunks nobody waited for (a record failed, or shutdown): collect them quietly.
+            for task in batch.chunks:
+                task.cancel()
+            await asyncio.gather(*batch.chunks, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
             if not isinstance(error, RetryLater):
                 raise error
         if errors:
             raise errors[0]
+
+    def _submit(self, batch: _Batch, routed: Iterable[Routed | InvalidEvent]) -> None:
+        """Hand every notification not yet sent to the worker pool, in record order."""
+        if self._pool is None:
+            return
+        todo = [
+            n
+            for item in routed
+            if isinstance(item, Routed)
+            for n in item.result.notifications
+            if n.key not in batch.sent
+        ]
+        for chunk in self._pool.chunks(todo):
+            task = asyncio.create_task(self._pool.prepare(chunk))
+            batch.chunks.append(task)
+            for i, n in enumerate(chunk):
+                batch.prepared[id(n)] = (task, i)
 
     def _route(self, record: Record) -> Routed | InvalidEvent:
         try:
@@ -180,14 +205,8 @@ class Dispatcher:
         }
         return Routed(event, route(event, self._directory, self._config.policy), ids)
 
-    async def _serve(
-        self, record: Record, item: Routed | InvalidEvent, sent: set[Key], deadline: float
-    ) -> None:
-        """Serve one record; returns when it may be committed.
-
-        `sent` holds the keys the ledger knew at the start of the batch plus every key sent
-        since, so a later record of the same activity in this batch skips them too.
-        """
+    async def _serve(self, record: Record, item: Routed | InvalidEvent, batch: _Batch) -> None:
+        """Serve one record; returns when it may be committed."""
         if isinstance(item, InvalidEvent):
             await self._dead_letter(record, {}, Failure(item.stage, item.reason))
             self._metrics.event(None, "dead_lettered")
@@ -212,7 +231,7 @@ class Dispatcher:
             )
         todo = []
         for n in result.notifications:
-            if n.key in sent:
+            if n.key in batch.sent:
                 self._metrics.notification(n.kind.value, "skipped_duplicate")
                 log.info(
                     "already sent",
@@ -221,7 +240,7 @@ class Dispatcher:
             else:
                 todo.append(n)
         outcomes = await asyncio.gather(
-            *(self._deliver(n, event, record, sent, deadline) for n in todo),
+            *(self._deliver(n, event, record, batch) for n in todo),
             return_exceptions=True,
         )
         failures: list[Failure] = []
@@ -238,12 +257,7 @@ class Dispatcher:
             self._metrics.event(event.type, "processed")
 
     async def _deliver(
-        self,
-        n: Notification,
-        event: ActivityEvent,
-        record: Record,
-        sent: set[Key],
-        deadline: float,
+        self, n: Notification, event: ActivityEvent, record: Record, batch: _Batch
     ) -> Failure | None:
         kind = n.kind.value
         ids = {
@@ -253,15 +267,18 @@ class Dispatcher:
             "kind": kind,
         }
         msg_id = message_id(n, self._config.domain)
-        try:
-            data = await self._prepare(n, record, deadline)
-        except (RenderError, AttachmentRefused, AttachmentMissing, AddressError) as exc:
-            return await self._fail(n, msg_id, Failure(_stage(exc), f"{kind}: {exc}"), ids)
+        outcome = await self._prepare(n, record, batch)
+        if isinstance(outcome, NotPrepared):
+            failure = Failure(outcome.stage, f"{kind}: {outcome.reason}")
+            return await self._fail(n, msg_id, failure, ids)
+        self._metrics.rendered(outcome.render_seconds)
         attempt = 0
         with self._metrics.in_flight():
             while True:
                 try:
-                    await self._mailer.send(self._config.envelope_from, n.recipient.email, data)
+                    await self._mailer.send(
+                        self._config.envelope_from, n.recipient.email, outcome.data
+                    )
                     break
                 except PermanentSmtpError as exc:
                     return await self._fail(n, msg_id, Failure("smtp", f"{kind}: {exc}"), ids)
@@ -277,40 +294,37 @@ class Dispatcher:
                             "smtp_code": exc.code,
                         },
                     )
-                    await self._backoff(attempt, deadline)
+                    await self._backoff(attempt, batch.deadline)
                     attempt += 1
         await self._ledger.record(Entry(n.key, "sent", msg_id))
-        sent.add(n.key)
+        batch.sent.add(n.key)
         self._metrics.notification(kind, "sent")
         self._metrics.delivered(event.time)
         log.info("sent", extra={**ids, "outcome": "sent", "message_id": msg_id})
         return None
 
-    async def _prepare(self, n: Notification, record: Record, deadline: float) -> bytes:
-        with self._metrics.render_timer():
-            mail = self._renderer.render(n)
-        attempt = 0
-        while True:
+    async def _prepare(self, n: Notification, record: Record, batch: _Batch) -> Outcome:
+        """The message from the worker pool, or built here; waits for missing attachments."""
+        handle = batch.prepared.get(id(n))
+        if handle is None:
+            outcome = self._preparer.prepare(n)
+        else:
+            chunk, i = handle
             try:
-                attachments = self._store.load(n.attachments)
+                outcome = (await chunk)[i]
+            except WorkerLost:
+                raise RetryLater from None
+        attempt = 0
+        while isinstance(outcome, NotPrepared) and outcome.missing:
+            # A file may be uploaded just after its event: wait for it, measured from the
+            # record's timestamp so redeliveries do not restart the clock.
+            written = (record.timestamp_ms or 0) / 1000
+            if time.time() - written > self._config.attachment_wait:
                 break
-            except AttachmentMissing:
-                # A file may be uploaded just after its event: wait for it, measured from
-                # the record's timestamp so redeliveries do not restart the clock.
-                written = (record.timestamp_ms or 0) / 1000
-                if time.time() - written > self._config.attachment_wait:
-                    raise
-                await self._backoff(attempt, deadline)
-                attempt += 1
-        return build_message(
-            n,
-            mail,
-            sender=self._config.sender,
-            reply_to=self._config.reply_to,
-            domain=self._config.domain,
-            attachments=attachments,
-            date=datetime.now(UTC),
-        )
+            await self._backoff(attempt, batch.deadline)
+            attempt += 1
+            outcome = self._preparer.prepare(n)
+        return outcome
 
     async def _fail(
         self, n: Notification, msg_id: str, failure: Failure, ids: dict[str, str]

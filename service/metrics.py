@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -187,13 +186,9 @@ class Metrics:
         finally:
             self.in_flight_gauge.dec()
 
-    @contextlib.contextmanager
-    def render_timer(self) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.render_seconds.observe(time.perf_counter() - started)
+    def rendered(self, seconds: float) -> None:
+        """One notification's templates took `seconds` to render (here or in a worker)."""
+        self.render_seconds.observe(seconds)
 
     # PoolObserver of service.mail
     def connections(self, open_count: int, busy_count: int) -> None:

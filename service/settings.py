@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from email.utils import parseaddr
@@ -19,6 +20,12 @@ def default_templates_dir() -> Path:
     """The templates shipped with the package, else the repository's `templates/`."""
     packaged = Path(__file__).parent / "templates"
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+
+
+def default_render_workers() -> int:
+    """One process per CPU beside the event loop's, at most 4; none on a single CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, max(0, (cpus or 1) - 1))
 
 
 class Settings(BaseSettings):
@@ -64,6 +71,7 @@ class Settings(BaseSettings):
     # Policy and delivery
     suppliers_may_receive_personal_data: bool = False
     concurrency: int = Field(default=64, ge=1, le=4096)
+    render_workers: int = Field(default_factory=default_render_workers, ge=0, le=64)
     retry_initial_seconds: float = Field(default=0.5, gt=0)
     retry_max_seconds: float = Field(default=30.0, gt=0)
     retry_budget_seconds: float = Field(default=120.0, gt=0)

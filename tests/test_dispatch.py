@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
+import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.attachments import DirectoryAttachmentStore
 from service.directory import Directory
 from service.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
 from service.ledger import SqliteLedger
 from service.mail import PermanentSmtpError, TransientSmtpError
 from service.metrics import Metrics
 from service.mime import AddressError
-from service.render import Renderer
+from service.prepare import PreparePool, PreparerSpec
 from service.settings import default_templates_dir
 
 CUSTOMER = "dana@customer.test"
@@ -95,7 +98,7 @@ def record(value: bytes | None, key: bytes = b"1042", partition: int = 0) -> Rec
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, **config: Any) -> None:
+    def __init__(self, tmp_path: Path, workers: int = 0, **config: Any) -> None:
         self.mailer = FakeMailer()
         self.dlq = FakeDeadLetters()
         self.ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
@@ -103,37 +106,79 @@ class Rig:
         (tmp_path / "store").mkdir(exist_ok=True)
         self.store_dir = tmp_path / "store"
         defaults: dict[str, Any] = {
-            "sender": "Helpdesk <helpdesk@helpdesk.test>",
             "envelope_from": "helpdesk@helpdesk.test",
-            "reply_to": None,
             "domain": "helpdesk.test",
             "retry_initial": 0.001,
             "retry_max": 0.01,
             "retry_budget": 2.0,
         }
         defaults.update(config)
+        spec = PreparerSpec(
+            templates_dir=default_templates_dir(),
+            attachments_dir=self.store_dir,
+            max_attachment_bytes=10_000_000,
+            max_mail_bytes=20_000_000,
+            sender="Helpdesk <helpdesk@helpdesk.test>",
+            reply_to=None,
+            domain="helpdesk.test",
+        )
+        self.pool = PreparePool(spec, workers) if workers else None
         self.dispatcher = Dispatcher(
             config=DeliveryConfig(**defaults),
             directory=Directory.empty(),
-            renderer=Renderer(default_templates_dir()),
-            store=DirectoryAttachmentStore(self.store_dir, 10_000_000, 20_000_000),
+            preparer=spec.create(),
             ledger=self.ledger,
             mailer=self.mailer,
             dead_letters=self.dlq,
             metrics=self.metrics,
+            pool=self.pool,
         )
+
+    async def open(self) -> None:
+        await self.ledger.open()
+        if self.pool is not None:
+            await self.pool.start()
+
+    async def close(self) -> None:
+        await self.ledger.close()
+        if self.pool is not None:
+            self.pool.close()
 
     def count(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
         return value or 0.0
 
 
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture(params=[0, 1], ids=["inline", "workers"])
+async def make_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRig]:
+    """Rigs that build mails in process, or in a pool of one worker process."""
+    rigs: list[Rig] = []
+
+    async def make(**config: Any) -> Rig:
+        r = Rig(tmp_path, request.param, **config)
+        await r.open()
+        rigs.append(r)
+        return r
+
+    yield make
+    for r in rigs:
+        await r.close()
+
+
 @pytest.fixture
-async def rig(tmp_path: Path) -> Any:
+async def rig(make_rig: MakeRig) -> Rig:
+    return await make_rig()
+
+
+@pytest.fixture
+async def inline_rig(tmp_path: Path) -> AsyncIterator[Rig]:
     r = Rig(tmp_path)
-    await r.ledger.open()
+    await r.open()
     yield r
-    await r.ledger.close()
+    await r.close()
 
 
 async def test_good_event_sends_one_mail_and_records_it(rig: Rig) -> None:
@@ -217,9 +262,8 @@ async def test_transient_failures_are_retried(rig: Rig) -> None:
     assert rig.count("notifier_retries_total") == 3
 
 
-async def test_outage_beyond_the_budget_asks_for_a_rewind(tmp_path: Path) -> None:
-    r = Rig(tmp_path, retry_budget=0.05)
-    await r.ledger.open()
+async def test_outage_beyond_the_budget_asks_for_a_rewind(make_rig: MakeRig) -> None:
+    r = await make_rig(retry_budget=0.05)
     r.mailer.always_transient = True
     with pytest.raises(RetryLater):
         await r.dispatcher.handle_batch([record(event_bytes(activity()))])
@@ -227,12 +271,10 @@ async def test_outage_beyond_the_budget_asks_for_a_rewind(tmp_path: Path) -> Non
     r.mailer.always_transient = False
     await r.dispatcher.handle_batch([record(event_bytes(activity()))])
     assert len(r.mailer.accepted) == 1
-    await r.ledger.close()
 
 
-async def test_stop_abandons_retries_at_once(tmp_path: Path) -> None:
-    r = Rig(tmp_path, retry_initial=5.0, retry_max=5.0, retry_budget=60.0)
-    await r.ledger.open()
+async def test_stop_abandons_retries_at_once(make_rig: MakeRig) -> None:
+    r = await make_rig(retry_initial=5.0, retry_max=5.0, retry_budget=60.0)
     r.mailer.always_transient = True
     task = asyncio.create_task(r.dispatcher.handle_batch([record(event_bytes(activity()))]))
     await asyncio.sleep(0.05)
@@ -241,23 +283,19 @@ async def test_stop_abandons_retries_at_once(tmp_path: Path) -> None:
     with pytest.raises(RetryLater):
         await task
     assert time.monotonic() - started < 1.0
-    await r.ledger.close()
 
 
-async def test_missing_attachment_waits_then_dead_letters(tmp_path: Path) -> None:
-    r = Rig(tmp_path, attachment_wait=0.0)
-    await r.ledger.open()
+async def test_missing_attachment_waits_then_dead_letters(make_rig: MakeRig) -> None:
+    r = await make_rig(attachment_wait=0.0)
     act = activity(invoiceAttachments="invoices/INV-1.pdf")
     await r.dispatcher.handle_batch([record(event_bytes(act))])
     assert r.mailer.accepted == []
     [(_, stage, _)] = r.dlq.sent
     assert stage == "attachment"
-    await r.ledger.close()
 
 
-async def test_missing_attachment_within_the_wait_is_retried_later(tmp_path: Path) -> None:
-    r = Rig(tmp_path, attachment_wait=3600.0, retry_budget=0.05)
-    await r.ledger.open()
+async def test_missing_attachment_within_the_wait_is_retried_later(make_rig: MakeRig) -> None:
+    r = await make_rig(attachment_wait=3600.0, retry_budget=0.05)
     act = activity(invoiceAttachments="invoices/INV-1.pdf")
     with pytest.raises(RetryLater):
         await r.dispatcher.handle_batch([record(event_bytes(act))])
@@ -267,7 +305,6 @@ async def test_missing_attachment_within_the_wait_is_retried_later(tmp_path: Pat
     [(_, message)] = r.mailer.accepted
     assert b"INV-1.pdf" in message
     assert r.dlq.sent == []
-    await r.ledger.close()
 
 
 async def test_attachment_outside_the_store_is_refused(rig: Rig) -> None:
@@ -300,19 +337,21 @@ async def test_address_routing_cannot_use_is_unresolved(rig: Rig) -> None:
 
 
 async def test_address_no_header_can_carry_is_dead_lettered(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    inline_rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Routing already refuses such addresses; this is the dispatcher's second line.
-    import service.dispatch
+    # In process only: a worker process would not see the patched function.
+    rig = inline_rig
+    import service.prepare
 
-    real = service.dispatch.build_message
+    real = service.prepare.build_message
 
     def build(n: Any, *args: Any, **kwargs: Any) -> bytes:
         if n.recipient.email == "bob@helpdesk.test":
             raise AddressError("not an e-mail address")
         return real(n, *args, **kwargs)
 
-    monkeypatch.setattr(service.dispatch, "build_message", build)
+    monkeypatch.setattr(service.prepare, "build_message", build)
     act = activity(activityUsers="bob@helpdesk.test")
     await rig.dispatcher.handle_batch([record(event_bytes(act))])
     assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]
@@ -325,3 +364,34 @@ async def test_created_and_updated_in_one_batch_send_once(rig: Rig) -> None:
     await rig.dispatcher.handle_batch([record(created), record(updated)])
     assert len(rig.mailer.accepted) == 1
     assert b"edited" not in rig.mailer.accepted[0][1]
+
+
+async def test_many_records_of_one_ticket_keep_their_order_across_chunks(rig: Rig) -> None:
+    # 150 mails: several chunks when a worker pool builds them.
+    records = [
+        record(event_bytes(activity(id=str(8000 + i), activityText=f"step {i}")))
+        for i in range(150)
+    ]
+    await rig.dispatcher.handle_batch(records)
+    ids = [
+        message.split(b"Message-ID:", 1)[1].split(b"\r\n", 1)[0]
+        for _, message in rig.mailer.accepted
+    ]
+    assert [int(header.split(b".")[1]) for header in ids] == list(range(8000, 8150))
+
+
+async def test_a_dead_worker_rewinds_the_batch_and_is_replaced(tmp_path: Path) -> None:
+    others = {child.pid for child in multiprocessing.active_children()}
+    r = Rig(tmp_path, workers=1)
+    await r.open()
+    try:
+        [worker] = [c for c in multiprocessing.active_children() if c.pid not in others]
+        os.kill(worker.pid or 0, signal.SIGKILL)
+        value = event_bytes(activity())
+        with pytest.raises(RetryLater):
+            await r.dispatcher.handle_batch([record(value)])
+        assert r.mailer.accepted == []
+        await r.dispatcher.handle_batch([record(value)])
+        assert [to for to, _ in r.mailer.accepted] == [CUSTOMER]
+    finally:
+        await r.close()
