@@ -593,7 +593,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     )
     ax.bar_label(bars, fmt="%.2f")
     ax.set_ylabel("CPU ms / notification")
-    ax.set_title("CPU per mail ((a),(b): harness process; (c): service)")
+    ax.set_title("CPU per mail ((a),(b): harness process; (c): service and its workers)")
 
     ax, mem = axes[0][2], axes[1][2]
     if "service" in results:

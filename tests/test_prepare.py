@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -126,6 +127,7 @@ def test_workers_exit_when_the_service_is_killed(tmp_path: Path) -> None:
         text=True,
         cwd=Path(__file__).parent.parent,
     )
+    workers: list[int] = []
     try:
         assert parent.stdout is not None
         workers = [int(pid) for pid in parent.stdout.readline().split()]
@@ -138,6 +140,9 @@ def test_workers_exit_when_the_service_is_killed(tmp_path: Path) -> None:
         assert not [pid for pid in workers if _alive(pid)]
     finally:
         parent.kill()
+        for pid in workers:  # when the assertion failed: leave no orphan behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
