@@ -177,7 +177,12 @@ class Dispatcher:
             raise errors[0]
 
     def _submit(self, batch: _Batch, routed: Iterable[Routed | InvalidEvent]) -> None:
-        """Hand every notification not yet sent to the worker pool, in record order."""
+        """Hand the batch's unsent mails without attachments to the worker pool, in order.
+
+        Mails with attachments are built here, just before they are sent, as without a
+        pool: a batch built ahead in full could hold gigabytes of attachments at once,
+        while no more than `concurrency` records are in flight here.
+        """
         if self._pool is None:
             return
         todo = [
@@ -185,7 +190,7 @@ class Dispatcher:
             for item in routed
             if isinstance(item, Routed)
             for n in item.result.notifications
-            if n.key not in batch.sent
+            if n.key not in batch.sent and not n.attachments
         ]
         for chunk in self._pool.chunks(todo):
             task = asyncio.create_task(self._pool.prepare(chunk))

@@ -3,7 +3,8 @@
 Rendering (Jinja, CSS inlining) and MIME building are about half of the CPU a mail costs
 and hold the GIL, so a single event loop cannot overlap them with Kafka and SMTP work.
 `PreparePool` runs them in worker processes, a chunk of notifications per call: one
-call per mail would cost the event loop about as much as the work it hands off.
+call per mail would cost the event loop about as much as the work it hands off. (The
+dispatcher sends it mails without attachments only; see `Dispatcher._submit`.)
 """
 
 from __future__ import annotations

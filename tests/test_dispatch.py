@@ -395,3 +395,37 @@ async def test_a_dead_worker_rewinds_the_batch_and_is_replaced(tmp_path: Path) -
         assert [to for to, _ in r.mailer.accepted] == [CUSTOMER]
     finally:
         await r.close()
+
+
+async def test_with_workers_only_mails_with_attachments_are_built_in_process(
+    tmp_path: Path,
+) -> None:
+    r = Rig(tmp_path, workers=1)
+    await r.open()
+    try:
+        (r.store_dir / "manual.pdf").write_bytes(b"%PDF-1.4 manual")
+        built_here: list[str] = []
+        preparer = r.dispatcher._preparer
+        real = preparer.prepare
+
+        def spy(n: Any) -> Any:
+            built_here.append(n.kind.value)
+            return real(n)
+
+        preparer.prepare = spy  # type: ignore[method-assign]
+        act = activity(
+            standardTicketAttachments="manual.pdf",
+            activityUsers="bob@helpdesk.test",
+            updateText="Booked.",
+            sendUpdateByEmail="Yes",
+        )
+        await r.dispatcher.handle_batch([record(event_bytes(act))])
+        assert sorted(to for to, _ in r.mailer.accepted) == [
+            "bob@helpdesk.test",
+            CUSTOMER,
+            CUSTOMER,
+        ]
+        # The customer's content mail carries the file; the update and staff mails do not.
+        assert built_here == ["customer_content"]
+    finally:
+        await r.close()
