@@ -112,6 +112,7 @@ class Parts:
     directory: Directory
     renderer: Renderer
     store: DirectoryAttachmentStore
+    spec: PreparerSpec
     registry: CollectorRegistry
     metrics: Metrics
 
@@ -137,11 +138,9 @@ def build_parts(settings: Settings) -> Parts:
         raise SettingsError(f"NOTIFY_TEMPLATES_DIR: {exc}") from None
     if not settings.attachments_dir.is_dir():
         raise SettingsError(f"NOTIFY_ATTACHMENTS_DIR: not a folder: {settings.attachments_dir}")
-    store = DirectoryAttachmentStore(
-        settings.attachments_dir, settings.max_attachment_bytes, settings.max_mail_bytes
-    )
+    spec = preparer_spec(settings)
     registry = CollectorRegistry()
-    return Parts(settings, directory, renderer, store, registry, Metrics(registry))
+    return Parts(settings, directory, renderer, spec.store(), spec, registry, Metrics(registry))
 
 
 def preparer_spec(settings: Settings) -> PreparerSpec:
@@ -156,13 +155,17 @@ def preparer_spec(settings: Settings) -> PreparerSpec:
     )
 
 
+def routing_policy(settings: Settings) -> RoutingPolicy:
+    return RoutingPolicy(
+        suppliers_may_receive_personal_data=settings.suppliers_may_receive_personal_data
+    )
+
+
 def delivery_config(settings: Settings) -> DeliveryConfig:
     return DeliveryConfig(
         envelope_from=settings.envelope_from,
         domain=settings.mail_domain,
-        policy=RoutingPolicy(
-            suppliers_may_receive_personal_data=settings.suppliers_may_receive_personal_data
-        ),
+        policy=routing_policy(settings),
         concurrency=settings.concurrency,
         retry_initial=settings.retry_initial_seconds,
         retry_max=settings.retry_max_seconds,
@@ -232,12 +235,11 @@ def create_app(settings: Settings) -> AsgiFastStream:
     metrics.pool_size.set(settings.smtp_pool_size)
     ledger = SqliteLedger.from_url(settings.ledger_url)
     dead_letters = KafkaDeadLetters(settings.kafka_bootstrap_servers, settings.dlq_topic)
-    spec = preparer_spec(settings)
-    workers = PreparePool(spec, settings.render_workers) if settings.render_workers else None
+    workers = PreparePool(parts.spec, settings.render_workers) if settings.render_workers else None
     dispatcher = Dispatcher(
         config=delivery_config(settings),
         directory=parts.directory,
-        preparer=Preparer(parts.renderer, parts.store, spec),
+        preparer=Preparer(parts.renderer, parts.store, parts.spec),
         ledger=ledger,
         mailer=pool,
         dead_letters=dead_letters,

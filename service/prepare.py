@@ -77,11 +77,13 @@ class PreparerSpec:
     reply_to: str | None
     domain: str
 
-    def create(self) -> Preparer:
-        store = DirectoryAttachmentStore(
+    def store(self) -> DirectoryAttachmentStore:
+        return DirectoryAttachmentStore(
             self.attachments_dir, self.max_attachment_bytes, self.max_mail_bytes
         )
-        return Preparer(Renderer(self.templates_dir), store, self)
+
+    def create(self) -> Preparer:
+        return Preparer(Renderer(self.templates_dir), self.store(), self)
 
 
 class Preparer:

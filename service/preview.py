@@ -6,11 +6,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.app import build_parts
+from service.app import build_parts, routing_policy
 from service.attachments import AttachmentMissing, AttachmentRefused
 from service.events import InvalidEvent, parse_event
 from service.message import Attachment, build_message, message_id
-from service.routing import RoutingPolicy, route
+from service.routing import route
 from service.settings import Settings
 
 
@@ -23,10 +23,7 @@ def preview(settings: Settings, event_file: Path, out: Path | None) -> int:
     except InvalidEvent as exc:
         print(f"invalid event ({exc.stage}): {exc.reason}", file=sys.stderr)
         return 1
-    policy = RoutingPolicy(
-        suppliers_may_receive_personal_data=settings.suppliers_may_receive_personal_data
-    )
-    result = route(event, parts.directory, policy)
+    result = route(event, parts.directory, routing_policy(settings))
     for unresolved in result.unresolved:
         print(f"# unresolved {unresolved.field}: {unresolved.token}", file=sys.stderr)
     for withheld in result.withheld:
