@@ -8,7 +8,6 @@ They are summed over the service and its children: the render workers are the se
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import subprocess
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from service.devstack import child_environ
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,11 +57,7 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 60) -> None:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
-        environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), environ.get("PYTHONPATH", "")) if p
-        )
-        environ.update(self.env)
+        environ = child_environ(self.env)
         environ["NOTIFY_HTTP_HOST"] = "127.0.0.1"
         environ["NOTIFY_HTTP_PORT"] = str(self.http_port)
         command = [sys.executable]

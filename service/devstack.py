@@ -22,11 +22,13 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol
 
-KAFKA_DIR = Path(__file__).resolve().parent.parent / "kafka"
+CHECKOUT = Path(__file__).resolve().parent.parent
+KAFKA_DIR = CHECKOUT / "kafka"
 POM = KAFKA_DIR / "pom.xml"
 LOG4J_CONFIG = KAFKA_DIR / "log4j2.properties"
 MARKER = ".complete"
@@ -295,6 +297,20 @@ class KafkaNode:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def child_environ(settings: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a `python -m service` child configured by `settings` alone.
+
+    NOTIFY_* variables of this process are dropped, and the checkout goes first on
+    PYTHONPATH so the package imports even when it is not pip-installed.
+    """
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+    environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(CHECKOUT), environ.get("PYTHONPATH", "")) if p
+    )
+    environ.update(settings)
+    return environ
 
 
 def terminate(proc: subprocess.Popen[Any] | None, timeout: float) -> int | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from typing import IO, Any
 
 import httpx
 
-from service.devstack import terminate
+from service.devstack import child_environ, terminate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,12 +69,7 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         offset = self._log.tell()
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
-        # The package is importable from the checkout even when it is not pip-installed.
-        environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), environ.get("PYTHONPATH", "")) if p
-        )
-        environ.update(self.env)
+        environ = child_environ(self.env)
         environ["NOTIFY_HTTP_HOST"] = "127.0.0.1"
         environ["NOTIFY_HTTP_PORT"] = str(self.http_port)
         self._proc = subprocess.Popen(

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from service.devstack import child_environ
 from tests.faults.harness import (
     FULL,
     REPO,
@@ -528,15 +529,10 @@ async def test_sigterm_restarts(fault_run: FaultRun) -> None:
 
 def notifier(env: dict[str, str], *args: str, within: float = 60) -> str:
     """Run `python -m service ARGS` with the case's settings; its standard output."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
-    environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), environ.get("PYTHONPATH", "")) if p
-    )
-    environ.update(env)
     done = subprocess.run(
         [sys.executable, "-m", "service", *args],
         cwd=REPO,
-        env=environ,
+        env=child_environ(env),
         capture_output=True,
         text=True,
         timeout=within,
