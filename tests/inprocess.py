@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,24 @@ async def publish(
 
 def example_events() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((EXAMPLES / "events").glob("*.json"))]
+
+
+def example(name: str, **activity: Any) -> dict[str, Any]:
+    """An example event with `time` set to now and activity fields overridden."""
+    event: dict[str, Any] = json.loads((EXAMPLES / "events" / name).read_text())
+    event["time"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    event["data"]["activity"].update(activity)
+    return event
+
+
+def mixed_examples() -> list[dict[str, Any]]:
+    """Every kind of mail, one unknown department (unresolved) and one supplier mail with
+    personal data (withheld): the example events that exercise every label."""
+    return [
+        example("01-customer-content.json"),
+        example("02-customer-update-directory-ticket.json"),
+        example("03-staff-note.json", activityDepartments="support; no-such-department"),
+        example("04-supplier-request.json"),
+        example("06-updated.json"),
+        example("07-supplier-personal-data.json"),
+    ]

@@ -27,7 +27,7 @@ from service.devstack import free_port
 from service.logs import JsonFormatter
 from service.metrics import Metrics
 from service.settings import Settings, load_settings
-from tests.inprocess import service_env
+from tests.inprocess import example, mixed_examples, service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder
 
@@ -156,14 +156,6 @@ def label_problems(text: str, topic: str, forbidden: Set[str] = frozenset()) -> 
 
 
 # -- events --------------------------------------------------------------------------------
-
-
-def example(name: str, **activity: Any) -> dict[str, Any]:
-    """An example event with `time` set to now and activity fields overridden."""
-    event: dict[str, Any] = json.loads((EXAMPLES / "events" / name).read_text())
-    event["time"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    event["data"]["activity"].update(activity)
-    return event
 
 
 def ids_and_addresses(events: list[dict[str, Any]]) -> set[str]:
@@ -324,14 +316,7 @@ async def test_labels_stay_bounded_after_processing_events(
 ) -> None:
     settings = settings_for(smtp_server.port)
     app = service.app.create_app(settings)
-    events = [
-        example("01-customer-content.json"),
-        example("02-customer-update-directory-ticket.json"),
-        example("03-staff-note.json", activityDepartments="support; no-such-department"),
-        example("04-supplier-request.json"),
-        example("06-updated.json"),
-        example("07-supplier-personal-data.json"),
-    ]
+    events = mixed_examples()
     bad_type = example("01-customer-content.json")
     bad_type["type"] = "ticketActivity.deleted"
     # TestKafkaBroker gives every record offset 0; the ledger remembers dead letters by

@@ -10,24 +10,21 @@ import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from aiokafka import AIOKafkaProducer
 
 from service.devstack import free_port, terminate
-from tests.inprocess import service_env
+from tests.inprocess import example, mixed_examples, publish, service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 SCRAPE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "notifier.json"
@@ -199,27 +196,6 @@ def alert_exprs() -> dict[str, str]:
 
 
 # -- the service ---------------------------------------------------------------------------
-
-
-def example(name: str, **activity: Any) -> dict[str, Any]:
-    event: dict[str, Any] = json.loads((EXAMPLES / "events" / name).read_text())
-    event["time"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    event["data"]["activity"].update(activity)
-    return event
-
-
-async def publish(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for value, key in values:
-            await producer.send_and_wait(topic, value, key=key)
-    finally:
-        await producer.stop()
-
-
-def encoded(event: dict[str, Any]) -> tuple[bytes, bytes]:
-    return json.dumps(event).encode(), str(event["data"]["activity"]["ticketID"]).encode()
 
 
 def service_values(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -484,15 +460,8 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
     # one department is unknown (unresolved), one supplier mail carries personal data (withheld).
     smtp_server.fail_rcpt("orders@acme.test")
     smtp_server.fail_next(1)
-    events = [
-        example("01-customer-content.json"),
-        example("02-customer-update-directory-ticket.json"),
-        example("03-staff-note.json", activityDepartments="support; no-such-department"),
-        example("04-supplier-request.json"),
-        example("06-updated.json"),
-        example("07-supplier-personal-data.json"),
-    ]
-    await publish(kafka_bootstrap, topic, [*map(encoded, events), (b"{not json", b"poison")])
+    events = mixed_examples()
+    await publish(kafka_bootstrap, topic, [*events, b"{not json"])
 
     def consumed(count: int) -> bool:
         events_total = service_values(service.metrics_text(), "notifier_events_total")
@@ -512,7 +481,7 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
     transient = 'notifier_smtp_send_seconds_count{outcome="transient"}'
     await poll(lambda: prom.query(transient), until, "the transient failure in Prometheus")
     smtp_server.fail_next(1)
-    await publish(kafka_bootstrap, topic, [encoded(example("05-follow-up.json"))])
+    await publish(kafka_bootstrap, topic, [example("05-follow-up.json")])
     await poll(lambda: consumed(len(events) + 2), until, "the follow-up event")
     lap("follow-up consumed")
 
