@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,9 @@ class FaultRun:
             report.details["unexpected_sample"] = mail.unexpected_sample
         if problems:
             report.details["dlq_problems"] = problems[:10]
+        if dlq:
+            stages = Counter(d.header("x-error-stage") or "" for d in dlq)
+            report.details["dead_letter_stages"] = dict(sorted(stages.items()))
         REPORTS.append(report)
         print(f"\n{report.case}: {report.as_dict()}")
         return report, problems
@@ -604,11 +608,7 @@ async def test_unwritable_recipient_address(fault_run: FaultRun) -> None:
     await run.start_service()
     delivered = await run.wait_delivered()
     consuming, how = await run.probe_if(delivered)
-    dlq = await read_topic(run.bootstrap, run.dlq)
-    report, problems = await run.finish(
-        still_consuming=consuming,
-        details={"dead_letter_stages": [d.header("x-error-stage") for d in dlq], "consuming": how},
-    )
+    report, problems = await run.finish(still_consuming=consuming, details={"consuming": how})
     # The odd record may be dead-lettered (a permanent failure of one recipient) or not.
     problems = [p for p in problems if not p.startswith("unexpected dead letter")]
     assert_clean(report, problems, run.service.log_path)
@@ -638,10 +638,8 @@ async def test_poison_at_the_size_limit(fault_run: FaultRun) -> None:
     await run.start_service()
     delivered = await run.wait_delivered()
     consuming, how = await run.probe_if(delivered)
-    dlq = await read_topic(run.bootstrap, run.dlq)
     report, problems = await run.finish(
-        still_consuming=consuming,
-        details={"value_bytes": size, "dead_letters": len(dlq), "consuming": how},
+        still_consuming=consuming, details={"value_bytes": size, "consuming": how}
     )
     # A dead letter this large may carry a truncated value; everything else must hold.
     problems = [p for p in problems if "value changed" not in p]
