@@ -106,19 +106,23 @@ def deliver(event: ActivityEvent) -> int:
     built = 0
     result = route(event, DIRECTORY, RoutingPolicy())
     for n in (*result.notifications, *result.withheld):
-        mail = RENDERER.render(n)
-        data = build_message(
-            n,
-            mail,
-            sender=SENDER,
-            reply_to=REPLY_TO,
-            domain=DOMAIN,
-            attachments=attachments_for(n),
-            date=WHEN,
-        )
-        check_message(data, n)
+        build_and_check(n)
         built += 1
     return built
+
+
+def build_and_check(n: Notification, sender: str = SENDER) -> None:
+    """Render and build one mail, then check the message."""
+    data = build_message(
+        n,
+        RENDERER.render(n),
+        sender=sender,
+        reply_to=REPLY_TO,
+        domain=DOMAIN,
+        attachments=attachments_for(n),
+        date=WHEN,
+    )
+    check_message(data, n)
 
 
 def parse_or_none(value: bytes | None, headers: Mapping[str, bytes | str]) -> ActivityEvent | None:
@@ -484,17 +488,7 @@ def hostile_notifications(draw: st.DrawFn) -> Notification:
 @FUZZ
 @given(hostile_notifications(), st.sampled_from([SENDER, "helpdesk@helpdesk.test", "Ä <h@x.test>"]))
 def test_build_message_on_hostile_notifications(n: Notification, sender: str) -> None:
-    mail = RENDERER.render(n)
-    data = build_message(
-        n,
-        mail,
-        sender=sender,
-        reply_to=REPLY_TO,
-        domain=DOMAIN,
-        attachments=attachments_for(n),
-        date=WHEN,
-    )
-    check_message(data, n)
+    build_and_check(n, sender)
 
 
 def test_fixture_event_reaches_every_kind() -> None:
