@@ -1,7 +1,7 @@
 """Routing: one activity event to the notifications the policy calls for (pure, no I/O)."""
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -155,17 +155,12 @@ def _customer_notifications(
 def _staff_notifications(
     activity: Activity, blank: Notification, directory: Directory, unresolved: list[Unresolved]
 ) -> list[Notification]:
-    recipients: list[Contact] = []
-    for token in activity.activity_departments:
-        members = directory.department(token)
-        if members is None:
-            unresolved.append(Unresolved("activityDepartments", token))
-        recipients.extend(members or ())
-    for token in activity.activity_users:
-        user = directory.user(token)
-        if user is None:
-            unresolved.append(Unresolved("activityUsers", token))
-        recipients.extend([user] if user else [])
+    recipients = [
+        *_resolve(
+            "activityDepartments", activity.activity_departments, directory.department, unresolved
+        ),
+        *_resolve("activityUsers", activity.activity_users, directory.user, unresolved),
+    ]
     author = directory.user(activity.activity_user) if activity.activity_user else None
     is_author = _AuthorMatcher(activity.activity_user, author)
     content = replace(
@@ -195,12 +190,9 @@ def _staff_notifications(
 def _supplier_notifications(
     activity: Activity, blank: Notification, directory: Directory, unresolved: list[Unresolved]
 ) -> list[Notification]:
-    recipients: list[Contact] = []
-    for token in activity.activity_suppliers:
-        supplier = directory.supplier(token)
-        if supplier is None:
-            unresolved.append(Unresolved("activitySuppliers", token))
-        recipients.extend([supplier] if supplier else [])
+    recipients = _resolve(
+        "activitySuppliers", activity.activity_suppliers, directory.supplier, unresolved
+    )
     required = activity.action_required_date
     content = replace(
         blank,
@@ -240,6 +232,26 @@ class _AuthorMatcher:
             return False
         norm = normalize_token(self.token)
         return norm in (recipient.email.lower(), normalize_token(recipient.name))
+
+
+def _resolve(
+    field: str,
+    tokens: Iterable[str],
+    find: Callable[[str], Contact | tuple[Contact, ...] | None],
+    unresolved: list[Unresolved],
+) -> list[Contact]:
+    """The contacts the tokens reach, in order; a token the directory does not know goes to
+    `unresolved`, under the activity field it came from."""
+    found: list[Contact] = []
+    for token in tokens:
+        contacts = find(token)
+        if contacts is None:
+            unresolved.append(Unresolved(field, token))
+        elif isinstance(contacts, Contact):
+            found.append(contacts)
+        else:
+            found.extend(contacts)
+    return found
 
 
 def _by_address(contacts: Iterable[Contact]) -> list[Contact]:
