@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.directory import Contact
-from service.message import Attachment, build_message, message_id, thread_ids
-from service.render import RenderedMail
-from service.routing import Kind, Notification
+from service.core.directory import Contact
+from service.core.message import Attachment, build_message, message_id, thread_ids
+from service.core.render import RenderedMail
+from service.core.routing import Kind, Notification
 
 DOMAIN = "helpdesk.test"
 SENDER = "Helpdesk <notify@helpdesk.test>"

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.events import build_workload, encode
-from service.attachments import DirectoryAttachmentStore
-from service.directory import load_directory
-from service.events import ActivityEvent, parse_event
-from service.ledger import Entry, SqliteLedger
-from service.logs import JsonFormatter
-from service.message import build_message, message_id
-from service.metrics import Metrics
-from service.render import Renderer
-from service.routing import Notification, RoutingPolicy, route
-from service.settings import default_templates_dir
+from service.core.directory import load_directory
+from service.core.events import ActivityEvent, parse_event
+from service.core.message import build_message, message_id
+from service.core.render import Renderer
+from service.core.routing import Notification, RoutingPolicy, route
+from service.delivery.attachments import DirectoryAttachmentStore
+from service.delivery.ledger import Entry, SqliteLedger
+from service.runtime.logs import JsonFormatter
+from service.runtime.metrics import Metrics
+from service.runtime.settings import default_templates_dir
 
 HEADERS = {"content-type": b"application/cloudevents+json"}
 
@@ -191,8 +191,8 @@ async def _dispatcher_cpu(workload: Any, raw: list[bytes], ledger_path: Path) ->
     """CPU seconds (all threads) of Dispatcher.handle_batch over the workload, no network."""
     from prometheus_client import CollectorRegistry
 
-    from service.dispatch import DeliveryConfig, Dispatcher, Record
-    from service.prepare import PreparerSpec
+    from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record
+    from service.delivery.prepare import PreparerSpec
 
     logging.getLogger("service").setLevel(logging.INFO)
     handler = logging.StreamHandler(io.StringIO())

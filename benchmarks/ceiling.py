@@ -16,11 +16,11 @@ from pathlib import Path
 
 import aiosmtplib
 
-from service.attachments import DirectoryAttachmentStore
-from service.message import build_message
-from service.render import Renderer
-from service.routing import Notification
-from service.settings import default_templates_dir
+from service.core.message import build_message
+from service.core.render import Renderer
+from service.core.routing import Notification
+from service.delivery.attachments import DirectoryAttachmentStore
+from service.runtime.settings import default_templates_dir
 
 
 @dataclass(frozen=True, slots=True)

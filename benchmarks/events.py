@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from service.directory import Directory, load_directory
-from service.events import parse_event
-from service.routing import Notification, RoutingPolicy, route
+from service.core.directory import Directory, load_directory
+from service.core.events import parse_event
+from service.core.routing import Notification, RoutingPolicy, route
 
 FIRST_NAMES = (
     "Anna",

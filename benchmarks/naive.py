@@ -22,9 +22,9 @@ from pathlib import Path
 import aiosmtplib
 from aiokafka import AIOKafkaConsumer
 
-from service.directory import load_directory
-from service.events import parse_event
-from service.routing import Notification, RoutingPolicy, route
+from service.core.directory import load_directory
+from service.core.events import parse_event
+from service.core.routing import Notification, RoutingPolicy, route
 
 _TYPES = {"pdf": ("application", "pdf"), "jpg": ("image", "jpeg"), "txt": ("text", "plain")}
 

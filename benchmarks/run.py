@@ -59,7 +59,7 @@ from benchmarks.service_proc import (
     metric_sum,
 )
 from benchmarks.sinks import SmtpSink, StampingSink
-from service.devstack import KafkaNode, free_port
+from devkit.devstack import KafkaNode, free_port
 
 OUT = Path(__file__).resolve().parent / "out"
 PHASES = ("ceiling", "naive", "service", "latency", "profile")

@@ -34,9 +34,9 @@ from typing import Any
 
 import uvicorn
 
-from service.app import create_app
-from service.logs import configure_logging
-from service.settings import SettingsError, load_settings
+from service.runtime.app import create_app
+from service.runtime.logs import configure_logging
+from service.runtime.settings import SettingsError, load_settings
 
 
 def _batch_timeout(ms: int) -> None:
@@ -53,7 +53,7 @@ def _batch_timeout(ms: int) -> None:
 
 
 def _ledger_reads_on_loop() -> None:
-    from service.ledger import SqliteLedger
+    from service.delivery.ledger import SqliteLedger
 
     original_open, original_sent, original_dead = (
         SqliteLedger.open,
@@ -107,7 +107,7 @@ def _buffered_logs() -> None:
 
 
 def _no_css_inline() -> None:
-    from service.render import Renderer
+    from service.core.render import Renderer
 
     original = Renderer.__init__
 
@@ -157,7 +157,7 @@ class _LeanSmtp(asyncio.Protocol):
         return waiter
 
     async def sendmail(self, sender: str, recipient: str, message: bytes, seconds: float) -> None:
-        from service.mail import _classify
+        from service.delivery.smtp import _classify
 
         write = self.transport.write  # type: ignore[attr-defined]
         replies = [self.expect() for _ in range(3)]
@@ -180,7 +180,7 @@ class _LeanSmtp(asyncio.Protocol):
 def _lean_smtp() -> None:
     import aiosmtplib
 
-    from service.mail import SmtpPool, TransientSmtpError
+    from service.delivery.smtp import SmtpPool, TransientSmtpError
 
     leans: dict[int, _LeanSmtp] = {}
     original_close = SmtpPool.close

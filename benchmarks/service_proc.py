@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from service.devstack import child_environ
+from devkit.devstack import child_environ
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from service.devstack import terminate
+from devkit.devstack import terminate
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _MESG = re.compile(rb"mesg=(\d+)")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.devstack import KafkaNode
+from devkit.devstack import KafkaNode
 from tests.support import SmtpRecorder, create_topics, unique_topic
 
 BOOTSTRAP_ENV = "NOTIFY_TEST_KAFKA_BOOTSTRAP"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from service.directory import Contact
-from service.routing import Kind, Notification
+from service.core.directory import Contact
+from service.core.routing import Kind, Notification
 
 CUSTOMER = Contact(name="Dana Smith", email="dana@customer.test", locale="de")
 STAFF = Contact(name="Bob Lee", email="bob@helpdesk.test", locale="de")

@@ -14,9 +14,9 @@ import httpx
 import uvicorn
 from aiokafka import AIOKafkaProducer
 
-from service.app import create_app
-from service.devstack import free_port
-from service.settings import Settings, load_settings
+from devkit.devstack import free_port
+from service.runtime.app import create_app
+from service.runtime.settings import Settings, load_settings
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

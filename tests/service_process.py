@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import httpx
 
-from service.devstack import child_environ, terminate
+from devkit.devstack import child_environ, terminate
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,14 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from service.events import Activity, ActivityEvent, Customer, Ticket, cloudevent_for, parse_event
+from service.core.events import (
+    Activity,
+    ActivityEvent,
+    Customer,
+    Ticket,
+    cloudevent_for,
+    parse_event,
+)
 
 # Aliases of the activity fields, grouped by shape.
 YES_NO_FIELDS = ("containsPersonalData", "sendContentByEmail", "sendUpdateByEmail")

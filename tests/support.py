@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiosmtpd.controller import Controller
 
-from service.devstack import free_port
+from devkit.devstack import free_port
 
 # --- Kafka ---------------------------------------------------------------------------------
 

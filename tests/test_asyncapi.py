@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from service.asyncapi import asyncapi_yaml
+from service.runtime.asyncapi import asyncapi_yaml
 
 DOC = Path(__file__).parent.parent / "docs" / "asyncapi.yaml"
 

@@ -1,4 +1,4 @@
-"""Tests for service.attachments: references stay inside the store, sizes are limited."""
+"""Tests for service.delivery.attachments: references stay inside the store, sizes are limited."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from service.attachments import (
+from service.core.message import Attachment
+from service.delivery.attachments import (
     AttachmentMissing,
     AttachmentRefused,
     AttachmentStore,
     DirectoryAttachmentStore,
     guess_type,
 )
-from service.message import Attachment
 
 
 @pytest.fixture

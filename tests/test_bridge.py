@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from service.backend import BackendClient, BackendError, TicketsUnsupported, format_since
-from service.bridge import Bridge, BridgeMetrics, BridgeSettings, backoff_delay
-from service.cli_producer import add_producer_commands
-from service.cursor import (
+from service.cli.producer import add_producer_commands
+from service.producer.backend import BackendClient, BackendError, TicketsUnsupported, format_since
+from service.producer.bridge import Bridge, BridgeMetrics, BridgeSettings, backoff_delay
+from service.producer.cursor import (
     Cursor,
     CursorError,
     CursorFile,
@@ -41,7 +41,7 @@ from service.cursor import (
     pageable,
     published_before,
 )
-from service.publisher import Outgoing, Publisher
+from service.producer.publisher import Outgoing, Publisher
 from tests.fake_backend import FakeBackend
 from tests.test_publisher import parsed, read_topic
 

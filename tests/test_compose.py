@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.settings import ENV_PREFIX, Settings, load_settings
+from service.runtime.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).parent.parent
 

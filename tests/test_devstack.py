@@ -16,7 +16,7 @@ import aiosmtplib
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.devstack import KafkaNode, free_port, new_cluster_id, run_smtp_capture
+from devkit.devstack import KafkaNode, free_port, new_cluster_id, run_smtp_capture
 from tests.support import SmtpRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def test_dev_up_starts_and_stops(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-c",
-        "import sys; from service.devstack import main; sys.exit(main(sys.argv[1:]))",
+        "import sys; from devkit.devstack import main; sys.exit(main(sys.argv[1:]))",
         "up",
         f"--var={tmp_path / 'var'}",
         f"--kafka-port={kafka_port}",

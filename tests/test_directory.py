@@ -1,4 +1,4 @@
-"""Tests of service.directory: loading and validating the YAML, and resolving tokens."""
+"""Tests of service.core.directory: loading and validating the YAML, and resolving tokens."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.directory import Contact, Directory, DirectoryError, load_directory
-from service.events import Customer, Ticket
+from service.core.directory import Contact, Directory, DirectoryError, load_directory
+from service.core.events import Customer, Ticket
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "directory.yaml"
 

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.directory import Directory
-from service.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
-from service.ledger import SqliteLedger
-from service.mail import PermanentSmtpError, TransientSmtpError
-from service.metrics import Metrics
-from service.mime import AddressError
-from service.prepare import PreparePool, PreparerSpec
-from service.settings import default_templates_dir
+from service.core.directory import Directory
+from service.core.mime import AddressError
+from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
+from service.delivery.ledger import SqliteLedger
+from service.delivery.prepare import PreparePool, PreparerSpec
+from service.delivery.smtp import PermanentSmtpError, TransientSmtpError
+from service.runtime.metrics import Metrics
+from service.runtime.settings import default_templates_dir
 
 CUSTOMER = "dana@customer.test"
 
@@ -342,16 +342,16 @@ async def test_address_no_header_can_carry_is_dead_lettered(
     # Routing already refuses such addresses; this is the dispatcher's second line.
     # In process only: a worker process would not see the patched function.
     rig = inline_rig
-    import service.prepare
+    import service.delivery.prepare
 
-    real = service.prepare.build_message
+    real = service.delivery.prepare.build_message
 
     def build(n: Any, *args: Any, **kwargs: Any) -> bytes:
         if n.recipient.email == "bob@helpdesk.test":
             raise AddressError("not an e-mail address")
         return real(n, *args, **kwargs)
 
-    monkeypatch.setattr(service.prepare, "build_message", build)
+    monkeypatch.setattr(service.delivery.prepare, "build_message", build)
     act = activity(activityUsers="bob@helpdesk.test")
     await rig.dispatcher.handle_batch([record(event_bytes(act))])
     assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]

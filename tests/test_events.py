@@ -1,4 +1,4 @@
-"""Tests of service.events: lenient activity fields, both CloudEvents modes, every error stage."""
+"""Tests of core.events: lenient activity fields, both CloudEvents modes, every error stage."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.events import (
+from service.core.events import (
     Activity,
     ActivityEvent,
     Customer,

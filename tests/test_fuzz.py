@@ -26,15 +26,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from service.attachments import guess_type
-from service.directory import Contact, load_directory
-from service.events import ActivityEvent, InvalidEvent, cloudevent_for, parse_event
-from service.fields import looks_like_email
-from service.message import Attachment, build_message, message_id
-from service.mime import addr_spec
-from service.render import Renderer
-from service.routing import Kind, Notification, RoutingPolicy, route
-from service.settings import default_templates_dir
+from service.core.directory import Contact, load_directory
+from service.core.events import ActivityEvent, InvalidEvent, cloudevent_for, parse_event
+from service.core.fields import looks_like_email
+from service.core.message import Attachment, build_message, message_id
+from service.core.mime import addr_spec
+from service.core.render import Renderer
+from service.core.routing import Kind, Notification, RoutingPolicy, route
+from service.delivery.attachments import guess_type
+from service.runtime.settings import default_templates_dir
 from tests.strategies import activities, activity_events, texts, wire_activity_pairs, wire_events
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

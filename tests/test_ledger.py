@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from service.ledger import Entry, SqliteLedger
+from service.delivery.ledger import Entry, SqliteLedger
 
 
 async def open_ledger(path: Path) -> SqliteLedger:

@@ -14,7 +14,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from service.mail import PermanentSmtpError, SmtpConfig, SmtpPool, TransientSmtpError
+from service.delivery.smtp import PermanentSmtpError, SmtpConfig, SmtpPool, TransientSmtpError
 from tests.support import SmtpRecorder
 
 MESSAGE = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: hi\r\n\r\nhello\r\n"

@@ -1,4 +1,4 @@
-"""Tests for service.message and service.mime: structure, headers, threading, injection."""
+"""Tests for core.message and core.mime: structure, headers, threading, injection."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.directory import Contact
-from service.message import AddressError, Attachment, build_message, message_id, thread_ids
-from service.mime import clean, safe_filename, text_body
-from service.render import RenderedMail
-from service.routing import Kind
+from service.core.directory import Contact
+from service.core.message import AddressError, Attachment, build_message, message_id, thread_ids
+from service.core.mime import clean, safe_filename, text_body
+from service.core.render import RenderedMail
+from service.core.routing import Kind
 from tests.factories import make_notification
 
 DOMAIN = "helpdesk.test"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from service.metrics import Metrics
+from service.runtime.metrics import Metrics
 
 
 def test_series_exist_at_zero_before_first_use() -> None:

@@ -22,11 +22,11 @@ from faststream.kafka import TestKafkaBroker
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.app
-from service.devstack import free_port
-from service.logs import JsonFormatter
-from service.metrics import Metrics
-from service.settings import Settings, load_settings
+import service.runtime.app
+from devkit.devstack import free_port
+from service.runtime.logs import JsonFormatter
+from service.runtime.metrics import Metrics
+from service.runtime.settings import Settings, load_settings
 from tests.inprocess import example, mixed_examples, service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder
@@ -225,7 +225,7 @@ def fake_producer(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
         made.append(FakeProducer())
         return made[-1]
 
-    monkeypatch.setattr(service.app, "AIOKafkaProducer", factory)
+    monkeypatch.setattr(service.runtime.app, "AIOKafkaProducer", factory)
     return made
 
 
@@ -315,7 +315,7 @@ async def test_labels_stay_bounded_after_processing_events(
     smtp_server: SmtpRecorder, fake_producer: list[FakeProducer]
 ) -> None:
     settings = settings_for(smtp_server.port)
-    app = service.app.create_app(settings)
+    app = service.runtime.app.create_app(settings)
     events = mixed_examples()
     bad_type = example("01-customer-content.json")
     bad_type["type"] = "ticketActivity.deleted"
@@ -355,14 +355,14 @@ async def test_labels_stay_bounded_after_processing_events(
 
 
 async def test_healthz_is_200_without_kafka_or_smtp() -> None:
-    app = service.app.create_app(settings_for(smtp_port=free_port()))
+    app = service.runtime.app.create_app(settings_for(smtp_port=free_port()))
     async with client(app) as http:
         response = await http.get("/healthz")
     assert response.status_code == 200
 
 
 async def test_readyz_is_503_naming_both_when_kafka_and_smtp_are_unreachable() -> None:
-    app = service.app.create_app(settings_for(smtp_port=free_port()))
+    app = service.runtime.app.create_app(settings_for(smtp_port=free_port()))
     async with client(app) as http:
         response = await http.get("/readyz")
     assert response.status_code == 503
@@ -373,7 +373,7 @@ async def test_readyz_is_503_naming_both_when_kafka_and_smtp_are_unreachable() -
 async def test_readyz_is_503_naming_kafka_when_only_kafka_is_unreachable(
     smtp_server: SmtpRecorder,
 ) -> None:
-    app = service.app.create_app(settings_for(smtp_server.port))
+    app = service.runtime.app.create_app(settings_for(smtp_server.port))
     async with client(app) as http:
         response = await http.get("/readyz")
     assert response.status_code == 503
@@ -384,7 +384,7 @@ async def test_readyz_is_503_naming_kafka_when_only_kafka_is_unreachable(
 async def test_readyz_is_503_naming_smtp_when_only_smtp_is_unreachable(
     fake_producer: list[FakeProducer],
 ) -> None:
-    app = service.app.create_app(settings_for(smtp_port=free_port()))
+    app = service.runtime.app.create_app(settings_for(smtp_port=free_port()))
     # TestKafkaBroker's broker answers ping: only SMTP is down.
     async with TestKafkaBroker(app.broker), client(app) as http:
         response = await http.get("/readyz")
@@ -394,7 +394,7 @@ async def test_readyz_is_503_naming_smtp_when_only_smtp_is_unreachable(
 
 
 async def test_metrics_endpoint_serves_prometheus_text() -> None:
-    app = service.app.create_app(settings_for(smtp_port=free_port()))
+    app = service.runtime.app.create_app(settings_for(smtp_port=free_port()))
     async with client(app) as http:
         response = await http.get("/metrics")
     assert response.status_code == 200
@@ -543,7 +543,7 @@ async def test_logs_of_a_processed_event_carry_ids_and_never_texts(
     smtp_server: SmtpRecorder, fake_producer: list[FakeProducer], json_log: io.StringIO
 ) -> None:
     settings = settings_for(smtp_server.port)
-    app = service.app.create_app(settings)
+    app = service.runtime.app.create_app(settings)
     event, secrets = secret_event()
     await run_through_test_broker(app, settings.topic, [(json.dumps(event).encode(), b"1042", 0)])
     lines = [line for line in json_log.getvalue().splitlines() if line]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from service.directory import Contact
-from service.prepare import CHUNK_MAX, NotPrepared, Prepared, PreparePool, PreparerSpec
-from service.routing import Kind, Notification
-from service.settings import default_templates_dir
+from service.core.directory import Contact
+from service.core.routing import Kind, Notification
+from service.delivery.prepare import CHUNK_MAX, NotPrepared, Prepared, PreparePool, PreparerSpec
+from service.runtime.settings import default_templates_dir
 
 
 def spec(store: Path) -> PreparerSpec:
@@ -109,7 +109,7 @@ def test_workers_exit_when_the_service_is_killed(tmp_path: Path) -> None:
         import asyncio, multiprocessing, sys
         from pathlib import Path
         from tests.test_prepare import spec
-        from service.prepare import PreparePool
+        from service.delivery.prepare import PreparePool
 
         async def main() -> None:
             pool = PreparePool(spec(Path({str(tmp_path)!r})), 2)

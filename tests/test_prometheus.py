@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from service.devstack import free_port, terminate
+from devkit.devstack import free_port, terminate
 from tests.inprocess import example, mixed_examples, publish, service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder

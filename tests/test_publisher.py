@@ -1,4 +1,4 @@
-"""Tests of service.publisher and `notifier publish`: pure encoding, then the real broker."""
+"""Tests of producer.publisher and `notifier publish`: pure encoding, then the real broker."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from service.cli_producer import add_producer_commands, prepare, read_items
-from service.events import STRUCTURED_CONTENT_TYPE, InvalidEvent, Ticket, parse_event
-from service.publisher import (
+from service.cli.producer import add_producer_commands, prepare, read_items
+from service.core.events import STRUCTURED_CONTENT_TYPE, InvalidEvent, Ticket, parse_event
+from service.producer.publisher import (
     InvalidActivity,
     Publisher,
     build_event,

@@ -1,4 +1,4 @@
-"""Tests for service.render: every template renders, data stays data, locales fall back."""
+"""Tests for service.core.render: every template renders, data stays data, locales fall back."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.render import Renderer, RenderError, format_when, nl2br
-from service.routing import Kind
+from service.core.render import Renderer, RenderError, format_when, nl2br
+from service.core.routing import Kind
 from tests.factories import make_notification
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

@@ -1,4 +1,4 @@
-"""Tests of service.routing: the policy table and every hard rule of contract section 2."""
+"""Tests of service.core.routing: the policy table and every hard rule of contract section 2."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.directory import Contact, Directory, normalize_token
-from service.events import Activity, ActivityEvent
-from service.routing import Kind, Notification, RoutingPolicy, Unresolved, route
+from service.core.directory import Contact, Directory, normalize_token
+from service.core.events import Activity, ActivityEvent
+from service.core.routing import Kind, Notification, RoutingPolicy, Unresolved, route
 from tests.strategies import activities, activity_events, texts
 
 DIRECTORY = Directory.from_mapping(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.settings import Settings, SettingsError, load_settings
+from service.runtime.settings import Settings, SettingsError, load_settings
 
 
 def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

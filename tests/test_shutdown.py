@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.devstack import free_port
+from devkit.devstack import free_port
 from tests.inprocess import publish, service_env
 from tests.service_process import ServiceProcess
 from tests.support import SmtpRecorder

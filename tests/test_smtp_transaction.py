@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.mail import PermanentSmtpError, SmtpConfig, SmtpPool
-from service.smtp_transaction import (
+from service.delivery.smtp import PermanentSmtpError, SmtpConfig, SmtpPool
+from service.delivery.smtp_wire import (
     ConnectionLost,
     SmtpReplyError,
     TransactionProtocol,

@@ -33,11 +33,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from service.devstack import free_port
-from service.directory import Directory
-from service.events import cloudevent_for, parse_event
-from service.message import message_id
-from service.routing import RoutingPolicy, route
+from devkit.devstack import free_port
+from service.core.directory import Directory
+from service.core.events import cloudevent_for, parse_event
+from service.core.message import message_id
+from service.core.routing import RoutingPolicy, route
 from tests.inprocess import service_env as shared_service_env
 from tests.support import Received, SmtpRecorder
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from service.devstack import child_environ
+from devkit.devstack import child_environ
 from tests.faults.harness import (
     FULL,
     REPO,

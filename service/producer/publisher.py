@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
-from service.events import (
+from service.core.events import (
     DEFAULT_SOURCE,
     STRUCTURED_CONTENT_TYPE,
     Activity,
@@ -111,7 +111,7 @@ def build_event(
 def encode_event(event: Mapping[str, Any]) -> Outgoing:
     """Encode a CloudEvent and check it parses exactly as the consumer will parse it.
 
-    Raises service.events.InvalidEvent (its reason names the field) for a bad event.
+    Raises service.core.events.InvalidEvent (its reason names the field) for a bad event.
     """
     value = json.dumps(
         to_jsonable_python(dict(event)), ensure_ascii=False, separators=(",", ":")

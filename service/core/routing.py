@@ -5,8 +5,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from service.directory import Contact, Directory, normalize_token
-from service.events import Activity, ActivityEvent, Customer
+from service.core.directory import Contact, Directory, normalize_token
+from service.core.events import Activity, ActivityEvent, Customer
 
 # The date fields of an activity, in the order staff mail lists them.
 DATE_FIELDS = (

@@ -6,12 +6,12 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.app import build_parts, routing_policy
-from service.attachments import AttachmentMissing, AttachmentRefused
-from service.events import InvalidEvent, parse_event
-from service.message import Attachment, build_message, message_id
-from service.routing import route
-from service.settings import Settings
+from service.core.events import InvalidEvent, parse_event
+from service.core.message import Attachment, build_message, message_id
+from service.core.routing import route
+from service.delivery.attachments import AttachmentMissing, AttachmentRefused
+from service.runtime.app import build_parts, routing_policy
+from service.runtime.settings import Settings
 
 
 def preview(settings: Settings, event_file: Path, out: Path | None) -> int:

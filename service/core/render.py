@@ -25,9 +25,9 @@ from jinja2 import (
 )
 from markupsafe import Markup, escape
 
-from service.directory import Contact
-from service.mime import clean
-from service.routing import Kind, Notification
+from service.core.directory import Contact
+from service.core.mime import clean
+from service.core.routing import Kind, Notification
 
 __all__ = ["FALLBACK_LOCALE", "RenderError", "RenderedMail", "Renderer"]
 

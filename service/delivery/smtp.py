@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import aiosmtplib
 
-from service.smtp_transaction import (
+from service.delivery.smtp_wire import (
     SmtpReplyError,
     TransactionProtocol,
     dot_stuff,

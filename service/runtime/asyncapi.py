@@ -7,8 +7,8 @@ from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 
 from service import __version__
-from service.events import ActivityEvent
-from service.settings import Settings
+from service.core.events import ActivityEvent
+from service.runtime.settings import Settings
 
 # The contract's defaults: the committed document describes those, whatever this shell sets.
 DOC_SETTINGS = Settings.model_construct(

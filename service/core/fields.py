@@ -20,7 +20,7 @@ _PRESET_KEYS = ("name", "value", "label")
 _TOKEN_SEPARATORS = re.compile(r"[,;\n\r\v\f\x85\u2028\u2029]")
 _TIME = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-# Deliberately simple, but no looser than what service.mime can write to a header: an
+# Deliberately simple, but no looser than what service.core.mime can write to a header: an
 # ASCII local part of RFC 5322 atext and dots, and a host name (IDN allowed, RFC 5890).
 # "=?" is refused because mail parsers decode RFC 2047 encoded words even in addresses.
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")

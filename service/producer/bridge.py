@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.backend import BackendClient, BackendError, Filter, TicketsUnsupported
-from service.cursor import (
+from service.core.events import InvalidEvent, Ticket
+from service.producer.backend import BackendClient, BackendError, Filter, TicketsUnsupported
+from service.producer.cursor import (
     Cursor,
     CursorError,
     CursorFile,
@@ -34,10 +35,15 @@ from service.cursor import (
     pageable,
     published_before,
 )
-from service.events import InvalidEvent, Ticket
-from service.publisher import InvalidActivity, Outgoing, Publisher, build_event, validate_activity
+from service.producer.publisher import (
+    InvalidActivity,
+    Outgoing,
+    Publisher,
+    build_event,
+    validate_activity,
+)
 
-log = logging.getLogger("service.bridge")
+log = logging.getLogger("service.producer.bridge")
 
 ENV_PREFIX = "NOTIFY_BRIDGE_"
 FILTERS: dict[Phase, Filter] = {"created": "createdSince", "updated": "updatedSince"}

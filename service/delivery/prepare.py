@@ -22,18 +22,18 @@ from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 
-from service.attachments import (
+from service.core.message import build_message
+from service.core.mime import AddressError
+from service.core.render import Renderer, RenderError
+from service.core.routing import Notification
+from service.delivery.attachments import (
     AttachmentMissing,
     AttachmentRefused,
     AttachmentStore,
     DirectoryAttachmentStore,
 )
-from service.message import build_message
-from service.mime import AddressError
-from service.render import Renderer, RenderError
-from service.routing import Notification
 
-log = logging.getLogger("service.prepare")
+log = logging.getLogger("service.delivery.prepare")
 
 # Notifications per call into a worker: large enough that pickling and the round trip are
 # a small share (11 µs a mail at 50, against about 150 µs at 1), small enough that the

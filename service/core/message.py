@@ -11,7 +11,7 @@ from email.utils import format_datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
-from service.mime import (
+from service.core.mime import (
     CRLF,
     AddressError,
     address,
@@ -24,8 +24,8 @@ from service.mime import (
 )
 
 if TYPE_CHECKING:
-    from service.render import RenderedMail
-    from service.routing import Notification
+    from service.core.render import RenderedMail
+    from service.core.routing import Notification
 
 __all__ = [
     "AddressError",

@@ -14,10 +14,10 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from service.cursor import pageable
-from service.events import Ticket
+from service.core.events import Ticket
+from service.producer.cursor import pageable
 
-log = logging.getLogger("service.backend")
+log = logging.getLogger("service.producer.backend")
 
 ACTIVITIES_PATH = "/backend/api/v1/ticketActivities/"
 TICKET_PATH = "/backend/api/v1/tickets/{ticket_id}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from service.settings import Settings
+from service.runtime.settings import Settings
 
 # Headers the dead-letter path added; a replayed record goes back without them.
 DLQ_HEADERS = ("x-error-", "x-original-")

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.settings import SettingsError, settings_or_exit
+from service.runtime.settings import SettingsError, settings_or_exit
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from service.app import create_app
-    from service.logs import configure_logging
+    from service.runtime.app import create_app
+    from service.runtime.logs import configure_logging
 
     settings = settings_or_exit()
     configure_logging(settings.log_level)
@@ -39,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from service.preview import preview
+    from service.cli.preview import preview
 
     settings = settings_or_exit()
     try:
@@ -50,7 +51,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from service.replay import replay
+    from service.cli.replay import replay
 
     settings = settings_or_exit()
     count = asyncio.run(
@@ -71,7 +72,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_asyncapi(args: argparse.Namespace) -> int:
-    from service.asyncapi import asyncapi_yaml
+    from service.runtime.asyncapi import asyncapi_yaml
 
     text = asyncapi_yaml()
     if args.out:
@@ -81,10 +82,23 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
-    from service.devstack import main as dev_main
-
-    return dev_main(list(args.rest))
+def cmd_dev(args: argparse.Namespace) -> int:  # noqa: RET503 (execve does not return)
+    # The local stack is dev tooling (devkit/ in a checkout), not part of the package:
+    # run it from the checkout this package was imported from, if there is one.
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "devkit" / "devstack.py").is_file():
+        print(
+            "notifier dev: needs a checkout of the project (devkit/ is not installed with it)",
+            file=sys.stderr,
+        )
+        return 2
+    environ = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(checkout), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    os.execve(sys.executable, [sys.executable, "-m", "devkit.devstack", *args.rest], environ)  # noqa: S606
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true", help="count, send nothing, commit nothing")
     rep.set_defaults(func=cmd_dlq_replay)
 
-    from service.cli_producer import add_producer_commands
+    from service.cli.producer import add_producer_commands
 
     add_producer_commands(sub)
 

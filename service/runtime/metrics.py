@@ -190,7 +190,7 @@ class Metrics:
         """One notification's templates took `seconds` to render (here or in a worker)."""
         self.render_seconds.observe(seconds)
 
-    # PoolObserver of service.mail
+    # PoolObserver of service.delivery.smtp
     def connections(self, open_count: int, busy_count: int) -> None:
         self._open.set(open_count)
         self._busy.set(busy_count)

@@ -11,16 +11,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.directory import Directory
-from service.events import ActivityEvent, InvalidEvent, parse_event
-from service.ledger import Entry, Key, Ledger, Where
-from service.mail import Mailer, PermanentSmtpError, TransientSmtpError
-from service.message import message_id
-from service.metrics import Metrics
-from service.prepare import NotPrepared, Outcome, PreparePool, Preparer, WorkerLost
-from service.routing import Notification, RoutingPolicy, RoutingResult, route
+from service.core.directory import Directory
+from service.core.events import ActivityEvent, InvalidEvent, parse_event
+from service.core.message import message_id
+from service.core.routing import Notification, RoutingPolicy, RoutingResult, route
+from service.delivery.ledger import Entry, Key, Ledger, Where
+from service.delivery.prepare import NotPrepared, Outcome, PreparePool, Preparer, WorkerLost
+from service.delivery.smtp import Mailer, PermanentSmtpError, TransientSmtpError
+from service.runtime.metrics import Metrics
 
-log = logging.getLogger("service.dispatch")
+log = logging.getLogger("service.delivery.dispatch")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import ValidationError
 
-from service.events import Customer, Ticket
-from service.fields import looks_like_email, looks_like_locale, parse_tokens, single_line
+from service.core.events import Customer, Ticket
+from service.core.fields import looks_like_email, looks_like_locale, parse_tokens, single_line
 
 SECTIONS = ("departments", "users", "suppliers", "tickets")
 _CONTACT_KEYS = frozenset({"name", "email", "locale"})

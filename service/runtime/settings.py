@@ -18,8 +18,9 @@ S = TypeVar("S", bound=BaseSettings)
 
 def default_templates_dir() -> Path:
     """The templates shipped with the package, else the repository's `templates/`."""
-    packaged = Path(__file__).parent / "templates"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "templates"
+    return packaged if packaged.is_dir() else package.parent / "templates"
 
 
 def default_render_workers() -> int:

@@ -438,3 +438,7 @@ def main(argv: list[str]) -> int:
             node.stop()
         print("stopped", flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -17,7 +17,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from service.fields import (
+from service.core.fields import (
     Email,
     Identifier,
     Line,

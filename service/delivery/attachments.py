@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from service.message import Attachment
-from service.mime import base64_body
+from service.core.message import Attachment
+from service.core.mime import base64_body
 
 __all__ = [
     "MIME_TYPES",

@@ -16,16 +16,22 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from service.events import InvalidEvent, Ticket
-from service.publisher import InvalidActivity, Outgoing, Publisher, build_event, encode_event
-from service.settings import Settings, SettingsError, read_settings, settings_or_exit
+from service.core.events import InvalidEvent, Ticket
+from service.producer.publisher import (
+    InvalidActivity,
+    Outgoing,
+    Publisher,
+    build_event,
+    encode_event,
+)
+from service.runtime.settings import Settings, SettingsError, read_settings, settings_or_exit
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from service.bridge import BridgeSettings
+    from service.producer.bridge import BridgeSettings
 
-log = logging.getLogger("service.bridge")
+log = logging.getLogger("service.producer.bridge")
 
 MAX_REPORTED = 20  # bad items listed before "and N more"
 
@@ -139,8 +145,8 @@ async def _send(settings: Settings, outgoing: list[Outgoing]) -> list[Any]:
 def cmd_bridge(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from service.cursor import CursorError
-    from service.logs import configure_logging
+    from service.producer.cursor import CursorError
+    from service.runtime.logs import configure_logging
 
     settings = settings_or_exit()
     try:
@@ -169,9 +175,9 @@ async def run_bridge(
     settings: BridgeSettings, bootstrap_servers: str, topic: str, registry: CollectorRegistry
 ) -> None:
     """Wire the bridge's parts from settings and run it until cancelled."""
-    from service.backend import BackendClient
-    from service.bridge import Bridge, BridgeMetrics, backoff_delay
-    from service.cursor import CursorFile
+    from service.producer.backend import BackendClient
+    from service.producer.bridge import Bridge, BridgeMetrics, backoff_delay
+    from service.producer.cursor import CursorFile
 
     metrics = BridgeMetrics(registry)
     backend = BackendClient(
@@ -211,6 +217,6 @@ async def _until_signal(main: Any) -> None:
 
 def load_bridge_settings(**overrides: Any) -> BridgeSettings:
     """Read the bridge settings; SettingsError with one line naming the variable if bad."""
-    from service.bridge import ENV_PREFIX, BridgeSettings
+    from service.producer.bridge import ENV_PREFIX, BridgeSettings
 
     return read_settings(BridgeSettings, ENV_PREFIX, **overrides)

@@ -17,18 +17,18 @@ from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CollectorRegistry, make_asgi_app
 
-from service.attachments import DirectoryAttachmentStore
-from service.directory import Directory, DirectoryError, load_directory
-from service.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
-from service.ledger import SqliteLedger
-from service.mail import SmtpConfig, SmtpPool
-from service.metrics import Metrics
-from service.prepare import PreparePool, Preparer, PreparerSpec
-from service.render import Renderer, RenderError
-from service.routing import RoutingPolicy
-from service.settings import Settings, SettingsError
+from service.core.directory import Directory, DirectoryError, load_directory
+from service.core.render import Renderer, RenderError
+from service.core.routing import RoutingPolicy
+from service.delivery.attachments import DirectoryAttachmentStore
+from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
+from service.delivery.ledger import SqliteLedger
+from service.delivery.prepare import PreparePool, Preparer, PreparerSpec
+from service.delivery.smtp import SmtpConfig, SmtpPool
+from service.runtime.metrics import Metrics
+from service.runtime.settings import Settings, SettingsError
 
-log = logging.getLogger("service.app")
+log = logging.getLogger("service.runtime.app")
 
 LAG_INTERVAL_SECONDS = 10.0
 REWIND_PAUSE_SECONDS = 1.0
@@ -213,7 +213,7 @@ async def _raw_parser(msg: Any, original: Callable[[Any], Awaitable[Any]]) -> An
 
 
 async def _no_decoder(msg: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
-    # Bodies are parsed by service.events, which turns bad input into dead letters.
+    # Bodies are parsed by service.core.events, which turns bad input into dead letters.
     return None
 
 
@@ -339,7 +339,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
             ("/readyz", readyz),
             ("/metrics", make_asgi_app(registry)),
         ],
-        logger=logging.getLogger("service.app"),
+        logger=logging.getLogger("service.runtime.app"),
         on_startup=[start],
         on_shutdown=[stop_consuming],
         after_shutdown=[stop],

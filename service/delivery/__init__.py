@@ -1,0 +1,1 @@
+"""Delivery: the dispatcher, mail building, attachments, the ledger, dead letters and SMTP."""

@@ -1,0 +1,1 @@
+"""The producer side: the publisher library, the backend client, its cursor and the bridge."""

@@ -1,0 +1,1 @@
+"""Runtime wiring: settings, FastStream consumer, HTTP endpoints, metrics and logs."""
