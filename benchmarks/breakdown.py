@@ -178,12 +178,14 @@ async def _ledger_cost(path: Path, notes: list[Notification], events: int) -> fl
 
 
 class _NullMailer:
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, may_finish: Any = None
+    ) -> None:
         return None
 
 
 class _NullDeadLetters:
-    async def send(self, record: Any, stage: str, reason: str) -> None:
+    async def send(self, record: Any, failure: Any) -> None:
         return None
 
 
@@ -191,8 +193,9 @@ async def _dispatcher_cpu(workload: Any, raw: list[bytes], ledger_path: Path) ->
     """CPU seconds (all threads) of Dispatcher.handle_batch over the workload, no network."""
     from prometheus_client import CollectorRegistry
 
-    from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record
-    from service.delivery.prepare import PreparerSpec
+    from service.delivery.build import InlineBuilder, MailSpec
+    from service.delivery.dead_letters import Record
+    from service.delivery.dispatch import DeliveryConfig, Dispatcher
 
     logging.getLogger("service").setLevel(logging.INFO)
     handler = logging.StreamHandler(io.StringIO())
@@ -204,15 +207,17 @@ async def _dispatcher_cpu(workload: Any, raw: list[bytes], ledger_path: Path) ->
     dispatcher = Dispatcher(
         config=DeliveryConfig(envelope_from="helpdesk@helpdesk.test", domain="helpdesk.test"),
         directory=load_directory(workload.directory_file),
-        preparer=PreparerSpec(
-            templates_dir=default_templates_dir(),
-            attachments_dir=workload.attachments_dir,
-            max_attachment_bytes=10 << 20,
-            max_mail_bytes=25 << 20,
-            sender="Helpdesk <helpdesk@helpdesk.test>",
-            reply_to="support@helpdesk.test",
-            domain="helpdesk.test",
-        ).create(),
+        builder=InlineBuilder(
+            MailSpec(
+                templates_dir=default_templates_dir(),
+                attachments_dir=workload.attachments_dir,
+                max_attachment_bytes=10 << 20,
+                max_mail_bytes=25 << 20,
+                sender="Helpdesk <helpdesk@helpdesk.test>",
+                reply_to="support@helpdesk.test",
+                domain="helpdesk.test",
+            ).factory()
+        ),
         ledger=ledger,
         mailer=_NullMailer(),
         dead_letters=_NullDeadLetters(),

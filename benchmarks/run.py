@@ -846,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         metavar="A,B",
         help="patch the service to size a proposal (implies --launcher; see benchmarks/serve.py):"
-        " lean-smtp, ledger-reads-on-loop, buffered-logs, no-css-inline, batch-timeout=MS",
+        " buffered-logs, no-css-inline, batch-timeout=MS",
     )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")

@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from service.cli.producer import add_producer_commands
+from service.core.backoff import backoff_delay
 from service.producer.backend import BackendClient, BackendError, TicketsUnsupported, format_since
-from service.producer.bridge import Bridge, BridgeMetrics, BridgeSettings, backoff_delay
+from service.producer.bridge import Bridge, BridgeMetrics, BridgeSettings
 from service.producer.cursor import (
     Cursor,
     CursorError,
@@ -160,8 +161,8 @@ def test_cursor_file_saves_atomically_and_refuses_garbage(tmp_path: Path) -> Non
 
 
 def test_backoff_grows_to_its_cap_with_jitter() -> None:
-    assert backoff_delay(1, 1.0, 60.0, rand=lambda: 0.0) == 0.5
-    assert backoff_delay(3, 1.0, 60.0, rand=lambda: 1.0) == 4.0
+    assert backoff_delay(0, 1.0, 60.0, rand=lambda: 0.0) == 0.5
+    assert backoff_delay(2, 1.0, 60.0, rand=lambda: 1.0) == 4.0
     assert backoff_delay(50, 1.0, 60.0, rand=lambda: 1.0) == 60.0
     assert 30.0 <= backoff_delay(50, 1.0, 60.0) <= 60.0
 

@@ -16,11 +16,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.core.directory import Directory
+from service.core.failures import Failure
 from service.core.mime import AddressError
-from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
+from service.delivery.build import InlineBuilder, MailBuilder, MailSpec
+from service.delivery.dead_letters import Record, RetryLater
+from service.delivery.dispatch import DeliveryConfig, Dispatcher
 from service.delivery.ledger import SqliteLedger
-from service.delivery.prepare import PreparePool, PreparerSpec
 from service.delivery.smtp import PermanentSmtpError, TransientSmtpError
+from service.delivery.workers import PooledBuilder
 from service.runtime.metrics import Metrics
 from service.runtime.settings import default_templates_dir
 
@@ -36,7 +39,9 @@ class FakeMailer:
         self.transient_left = 0
         self.always_transient = False
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, may_finish: Any = None
+    ) -> None:
         await asyncio.sleep(0)
         if recipient in self.permanent:
             raise PermanentSmtpError(550, "no such user")
@@ -52,8 +57,8 @@ class FakeDeadLetters:
     def __init__(self) -> None:
         self.sent: list[tuple[Record, str, str]] = []
 
-    async def send(self, record: Record, stage: str, reason: str) -> None:
-        self.sent.append((record, stage, reason))
+    async def send(self, record: Record, failure: Failure) -> None:
+        self.sent.append((record, failure.stage, failure.reason))
 
 
 def activity(**fields: Any) -> dict[str, Any]:
@@ -113,7 +118,7 @@ class Rig:
             "retry_budget": 2.0,
         }
         defaults.update(config)
-        spec = PreparerSpec(
+        spec = MailSpec(
             templates_dir=default_templates_dir(),
             attachments_dir=self.store_dir,
             max_attachment_bytes=10_000_000,
@@ -122,27 +127,26 @@ class Rig:
             reply_to=None,
             domain="helpdesk.test",
         )
-        self.pool = PreparePool(spec, workers) if workers else None
+        self.factory = spec.factory()
+        inline = InlineBuilder(self.factory)
+        self.builder: MailBuilder = PooledBuilder(spec, workers, inline) if workers else inline
         self.dispatcher = Dispatcher(
             config=DeliveryConfig(**defaults),
             directory=Directory.empty(),
-            preparer=spec.create(),
+            builder=self.builder,
             ledger=self.ledger,
             mailer=self.mailer,
             dead_letters=self.dlq,
             metrics=self.metrics,
-            pool=self.pool,
         )
 
     async def open(self) -> None:
         await self.ledger.open()
-        if self.pool is not None:
-            await self.pool.start()
+        await self.builder.start()
 
     async def close(self) -> None:
         await self.ledger.close()
-        if self.pool is not None:
-            self.pool.close()
+        self.builder.close()
 
     def count(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -342,16 +346,16 @@ async def test_address_no_header_can_carry_is_dead_lettered(
     # Routing already refuses such addresses; this is the dispatcher's second line.
     # In process only: a worker process would not see the patched function.
     rig = inline_rig
-    import service.delivery.prepare
+    import service.delivery.build
 
-    real = service.delivery.prepare.build_message
+    real = service.delivery.build.build_message
 
     def build(n: Any, *args: Any, **kwargs: Any) -> bytes:
         if n.recipient.email == "bob@helpdesk.test":
             raise AddressError("not an e-mail address")
         return real(n, *args, **kwargs)
 
-    monkeypatch.setattr(service.delivery.prepare, "build_message", build)
+    monkeypatch.setattr(service.delivery.build, "build_message", build)
     act = activity(activityUsers="bob@helpdesk.test")
     await rig.dispatcher.handle_batch([record(event_bytes(act))])
     assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]
@@ -405,14 +409,13 @@ async def test_with_workers_only_mails_with_attachments_are_built_in_process(
     try:
         (r.store_dir / "manual.pdf").write_bytes(b"%PDF-1.4 manual")
         built_here: list[str] = []
-        preparer = r.dispatcher._preparer
-        real = preparer.prepare
+        real = r.factory.render
 
         def spy(n: Any) -> Any:
             built_here.append(n.kind.value)
             return real(n)
 
-        preparer.prepare = spy  # type: ignore[method-assign]
+        r.factory.render = spy  # type: ignore[method-assign]
         act = activity(
             standardTicketAttachments="manual.pdf",
             activityUsers="bob@helpdesk.test",

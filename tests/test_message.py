@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from service.core.directory import Contact
 from service.core.message import AddressError, Attachment, build_message, message_id, thread_ids
-from service.core.mime import clean, safe_filename, text_body
+from service.core.mime import safe_filename, text_body
 from service.core.render import RenderedMail
 from service.core.routing import Kind
+from service.core.text import one_line as clean
 from tests.factories import make_notification
 
 DOMAIN = "helpdesk.test"

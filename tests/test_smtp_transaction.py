@@ -8,15 +8,19 @@ import email.policy
 from collections.abc import Iterator
 from typing import Any
 
+import aiosmtplib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from service.delivery.smtp import PermanentSmtpError, SmtpConfig, SmtpPool
 from service.delivery.smtp_wire import (
+    END_OF_DATA,
+    WRITE_CHUNK,
     ConnectionLost,
     SmtpReplyError,
     TransactionProtocol,
+    Withheld,
     dot_stuff,
     envelope_address,
     send_transaction,
@@ -31,22 +35,27 @@ def unstuff(payload: bytes) -> bytes:
     return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
 
 
+def data(message: bytes) -> bytes:
+    """The whole DATA payload as it goes on the wire: stuffed body, then the end marker."""
+    return dot_stuff(message) + END_OF_DATA
+
+
 def test_dot_stuffing() -> None:
-    assert dot_stuff(b"a\r\n.b\r\n") == b"a\r\n..b\r\n.\r\n"
-    assert dot_stuff(b".start\r\n") == b"..start\r\n.\r\n"
-    assert dot_stuff(b"no end") == b"no end\r\n.\r\n"
-    assert dot_stuff(b"a\r\n.\r\nb") == b"a\r\n..\r\nb\r\n.\r\n"
+    assert data(b"a\r\n.b\r\n") == b"a\r\n..b\r\n.\r\n"
+    assert data(b".start\r\n") == b"..start\r\n.\r\n"
+    assert data(b"no end") == b"no end\r\n.\r\n"
+    assert data(b"a\r\n.\r\nb") == b"a\r\n..\r\nb\r\n.\r\n"
 
 
 def test_bare_line_ends_are_normalised_so_nothing_is_smuggled() -> None:
-    payload = dot_stuff(b"a\n.\nMAIL FROM:<x@y>\rb")
+    payload = data(b"a\n.\nMAIL FROM:<x@y>\rb")
     assert payload == b"a\r\n..\r\nMAIL FROM:<x@y>\r\nb\r\n.\r\n"
     assert b"\r\n.\r\n" not in payload[:-5]
 
 
 @given(st.binary(max_size=300))
 def test_stuffed_payload_has_one_end_and_unstuffs_to_the_message(message: bytes) -> None:
-    payload = dot_stuff(message)
+    payload = data(message)
     assert payload.count(b"\r\n.\r\n") == 1
     assert payload.endswith(b"\r\n.\r\n")
     normalised = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
@@ -66,6 +75,7 @@ class FakeTransport(asyncio.WriteTransport):
         super().__init__()
         self.written = bytearray()
         self.closing = False
+        self.aborted = False
         self._protocol: asyncio.BaseProtocol | None = None
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -80,6 +90,9 @@ class FakeTransport(asyncio.WriteTransport):
     def close(self) -> None:
         self.closing = True
 
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
 
 def wired() -> tuple[TransactionProtocol, FakeTransport]:
     protocol = TransactionProtocol()
@@ -92,7 +105,7 @@ async def test_pipelined_transaction_writes_once_and_reads_in_order() -> None:
     protocol, transport = wired()
     protocol.data_received(b"250 ok\r\n250-first\r\n250 second\r\n354 go\r\n")
     task = asyncio.create_task(
-        send_transaction(protocol, "a@x.test", "b@y.test", b"p\r\n.\r\n", pipelining=True)
+        send_transaction(protocol, "a@x.test", "b@y.test", b"p\r\n", pipelining=True)
     )
     await asyncio.sleep(0)
     protocol.data_received(b"250 queued\r\n")
@@ -106,7 +119,7 @@ async def test_refused_recipient_raises_its_code() -> None:
     protocol, _ = wired()
     protocol.data_received(b"250 ok\r\n550 5.1.1 no such user\r\n554 no valid recipients\r\n")
     with pytest.raises(SmtpReplyError) as caught:
-        await send_transaction(protocol, "a@x.test", "b@y.test", b".\r\n", pipelining=True)
+        await send_transaction(protocol, "a@x.test", "b@y.test", b"", pipelining=True)
     assert caught.value.code == 550
 
 
@@ -114,9 +127,70 @@ async def test_without_pipelining_stops_at_the_first_refusal() -> None:
     protocol, transport = wired()
     protocol.data_received(b"451 busy\r\n")
     with pytest.raises(SmtpReplyError) as caught:
-        await send_transaction(protocol, "a@x.test", "b@y.test", b".\r\n", pipelining=False)
+        await send_transaction(protocol, "a@x.test", "b@y.test", b"", pipelining=False)
     assert caught.value.code == 451
     assert bytes(transport.written) == b"MAIL FROM:<a@x.test>\r\n"
+
+
+async def test_a_large_mail_waits_for_the_transport_to_drain() -> None:
+    protocol, transport = wired()
+    protocol.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    payload = b"x" * (WRITE_CHUNK * 3)
+    protocol.pause_writing()  # the transport's buffer is above its high-water mark
+    task = asyncio.create_task(
+        send_transaction(protocol, "a@x.test", "b@y.test", payload, pipelining=True)
+    )
+    for _ in range(5):
+        await asyncio.sleep(0)
+    head = len(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+    assert len(transport.written) == head + WRITE_CHUNK  # one piece, then it waits
+    protocol.resume_writing()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert bytes(transport.written).endswith(payload + END_OF_DATA)
+    protocol.data_received(b"250 queued\r\n")
+    await task
+
+
+async def test_a_mail_the_caller_withholds_at_the_end_is_not_finished() -> None:
+    protocol, transport = wired()
+    protocol.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    with pytest.raises(Withheld):
+        await send_transaction(
+            protocol, "a@x.test", "b@y.test", b"body\r\n", pipelining=True, may_finish=lambda: False
+        )
+    assert bytes(transport.written).endswith(b"DATA\r\nbody\r\n")  # no end of DATA
+    assert transport.aborted
+
+
+async def test_aiosmtplib_still_hands_over_its_transport(any_server: SmtpRecorder) -> None:
+    # The fast path adopts aiosmtplib's connected transport (pinned below aiosmtplib 6 in
+    # pyproject.toml). If a new release hides or wraps it, this fails first and loudly.
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=any_server.port, timeout=5)
+    await client.connect()
+    try:
+        assert isinstance(client.transport, asyncio.Transport)
+        protocol = TransactionProtocol()
+        protocol.adopt(client.transport)
+        protocol.write(b"NOOP\r\n")
+        assert (await protocol.reply())[0] == 250
+    finally:
+        client.close()
+
+
+async def test_plain_aiosmtplib_sends_when_pipelining_is_off(any_server: SmtpRecorder) -> None:
+    config = SmtpConfig(host="127.0.0.1", port=any_server.port, timeout=5, pipelining=False)
+    pool = SmtpPool(config)
+    body = b"Subject: plain\r\n\r\n.dot\r\n"
+    await pool.send("a@x.test", "b@y.test", body)
+    any_server.fail_rcpt("gone@y.test", code=550)
+    with pytest.raises(PermanentSmtpError) as caught:
+        await pool.send("a@x.test", "gone@y.test", body)
+    assert caught.value.code == 550
+    with pytest.raises(Withheld):
+        await pool.send("a@x.test", "c@y.test", body, may_finish=lambda: False)
+    await pool.close()
+    assert [m.data for m in any_server.messages] == [body]
 
 
 async def test_garbage_or_a_hang_up_is_connection_lost() -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from service.core.events import InvalidEvent, parse_event
-from service.core.message import Attachment, build_message, message_id
+from service.core.message import Attachment, message_id
 from service.core.routing import route
 from service.delivery.attachments import AttachmentMissing, AttachmentRefused
-from service.runtime.app import build_parts, routing_policy
+from service.delivery.build import NotBuilt
+from service.runtime.parts import build_parts, routing_policy
 from service.runtime.settings import Settings
 
 
@@ -34,21 +34,22 @@ def preview(settings: Settings, event_file: Path, out: Path | None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     for index, n in enumerate(result.notifications, start=1):
-        mail = parts.renderer.render(n)
+        rendered = parts.factory.render(n)
+        if isinstance(rendered, NotBuilt):
+            print(f"# {n.kind.value}: {rendered.failure.reason}", file=sys.stderr)
+            continue
+        mail, seconds = rendered
         attachments: list[Attachment] = []
         try:
-            attachments = parts.store.load(n.attachments)
+            attachments = parts.factory.load(n.attachments)
         except (AttachmentMissing, AttachmentRefused) as exc:
+            # A preview shows the mail anyway; the service would wait or dead-letter.
             print(f"# {n.kind.value}: attachments not loaded: {exc}", file=sys.stderr)
-        data = build_message(
-            n,
-            mail,
-            sender=settings.mail_from,
-            reply_to=settings.reply_to,
-            domain=settings.mail_domain,
-            attachments=attachments,
-            date=datetime.now(UTC),
-        )
+        built = parts.factory.assemble(n, mail, seconds, attachments)
+        if isinstance(built, NotBuilt):
+            print(f"# {n.kind.value}: {built.failure.reason}", file=sys.stderr)
+            continue
+        data = built.data
         label = f"{index:02d}-{n.kind.value}-{n.recipient.email}"
         if out is None:
             print(f"# {label}  {message_id(n, settings.mail_domain)}")

@@ -175,8 +175,9 @@ async def run_bridge(
     settings: BridgeSettings, bootstrap_servers: str, topic: str, registry: CollectorRegistry
 ) -> None:
     """Wire the bridge's parts from settings and run it until cancelled."""
+    from service.core.backoff import backoff_delay
     from service.producer.backend import BackendClient
-    from service.producer.bridge import Bridge, BridgeMetrics, backoff_delay
+    from service.producer.bridge import Bridge, BridgeMetrics
     from service.producer.cursor import CursorFile
 
     metrics = BridgeMetrics(registry)
@@ -197,7 +198,7 @@ async def run_bridge(
                 await publisher.stop()
                 failures += 1
                 log.warning("kafka not reachable", extra={"error": type(exc).__name__})
-                await asyncio.sleep(backoff_delay(failures, 1.0, settings.backoff_max_seconds))
+                await asyncio.sleep(backoff_delay(failures - 1, 1.0, settings.backoff_max_seconds))
         try:
             store = CursorFile(settings.cursor_file)
             await Bridge(settings, backend, publisher, store, metrics).run()

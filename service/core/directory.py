@@ -9,7 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from service.core.events import Customer, Ticket
-from service.core.fields import looks_like_email, looks_like_locale, parse_tokens, single_line
+from service.core.fields import looks_like_email, looks_like_locale, parse_tokens
+from service.core.text import one_line
 
 SECTIONS = ("departments", "users", "suppliers", "tickets")
 _CONTACT_KEYS = frozenset({"name", "email", "locale"})
@@ -34,7 +35,7 @@ class Contact:
 
 def normalize_token(token: str) -> str:
     """The form tokens are compared in: trimmed, inner whitespace collapsed, case-folded."""
-    return single_line(token).casefold()
+    return one_line(token).casefold()
 
 
 class Directory:
@@ -100,7 +101,7 @@ def load_directory(path: Path) -> Directory:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = single_line(str(getattr(exc, "problem", None) or "syntax error"))
+        problem = one_line(str(getattr(exc, "problem", None) or "syntax error"))
         raise DirectoryError(f"{path}: not valid YAML{where}: {problem}") from None
     return Directory.from_mapping(data, source=str(path))
 
@@ -178,7 +179,7 @@ class _Loader:
             return default
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise self.fail(where, f"{key}: not text (quote it)")
-        return single_line(str(value)) or default
+        return one_line(str(value)) or default
 
     def email(self, where: str, raw: Mapping[Any, Any]) -> str:
         # Addresses end up in SMTP commands and headers: CR, LF, NUL and spaces are refused.

@@ -17,6 +17,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from service.core.failures import Failure, Stage
 from service.core.fields import (
     Email,
     Identifier,
@@ -38,7 +39,6 @@ EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 DEFAULT_SOURCE = "/backend/api/v1/ticketActivities"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 MAX_EVENT_BYTES = 10 * 1024 * 1024
-MAX_REASON_LENGTH = 200
 
 _NonEmpty = Annotated[str, StringConstraints(strict=True, min_length=1)]
 _OptionalStr = Annotated[str | None, StringConstraints(strict=True)]
@@ -157,18 +157,19 @@ class ActivityEvent(BaseModel):
 
 
 class InvalidEvent(Exception):
-    """A message that is not a valid activity event; `stage` says where it failed."""
+    """A message that is not a valid activity event; its failure says where and why."""
 
-    def __init__(self, stage: str, reason: str) -> None:
-        self.stage = stage  # "decode" | "cloudevent" | "type" | "activity"
-        self.reason = clean_reason(reason)
-        super().__init__(f"{stage}: {self.reason}")
+    def __init__(self, stage: Stage | str, reason: str) -> None:
+        self.failure = Failure.of(Stage(stage), reason)
+        super().__init__(f"{self.failure.stage}: {self.failure.reason}")
 
+    @property
+    def stage(self) -> Stage:
+        return self.failure.stage
 
-def clean_reason(reason: str) -> str:
-    """Make a reason fit a log line and a Kafka header: one line, at most ~200 characters."""
-    line = "".join(" " if not ch.isprintable() else ch for ch in reason[: MAX_REASON_LENGTH * 2])
-    return line if len(line) <= MAX_REASON_LENGTH else line[: MAX_REASON_LENGTH - 3] + "..."
+    @property
+    def reason(self) -> str:
+        return self.failure.reason
 
 
 def parse_event(

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 
+from service.core.text import one_line
+
 # Values shown in error reasons are cut to this many characters: reasons travel in DLQ
 # headers and logs, which must never carry user texts.
 MAX_SHOWN = 40
@@ -72,11 +74,6 @@ def looks_like_email(text: str) -> bool:
 def looks_like_locale(text: str) -> bool:
     """Tell whether `text` is a locale tag such as `en`, `de` or `de-AT`."""
     return len(text) <= 35 and _LOCALE.fullmatch(text) is not None
-
-
-def single_line(text: str) -> str:
-    """Collapse every run of whitespace (CR/LF included) to one space, and strip."""
-    return " ".join(text.split())
 
 
 def _preset_inner(value: Mapping[Any, Any]) -> Any:
@@ -249,7 +246,7 @@ def parse_locale(value: Any) -> str:
 
 def parse_line(value: Any) -> str:
     """A one-line text (names, subjects): null means empty; line breaks become spaces."""
-    return single_line(parse_text(value))
+    return one_line(parse_text(value))
 
 
 Identifier = Annotated[str, BeforeValidator(parse_identifier)]

@@ -8,6 +8,8 @@ import re
 from functools import lru_cache
 from urllib.parse import quote
 
+from service.core.text import one_line
+
 CRLF = "\r\n"
 # RFC 5322 §2.1.1: lines SHOULD stay within 78 characters; encoded words get their own
 # limit of 75 (RFC 2047 §2), and a line holding one SHOULD stay within 76.
@@ -15,10 +17,6 @@ _FOLD_AT = 78
 _WORD_MAX = 75
 _WORD_OVERHEAD = len("=?utf-8?b??=")
 
-# Every C0 control (tab, CR, LF, NUL included), DEL, the C1 block and the Unicode line and
-# paragraph separators become spaces: none of them may reach a header (CVE-2024-6923 and
-# its kin are all about a newline smuggled into a header value).
-_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029], " ")
 # RFC 5322 §3.2.3 atext plus space: a display name made only of these needs no quoting.
 _ATEXT_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -36,12 +34,6 @@ _FILENAME_CHARS = str.maketrans({'"': "'", **dict.fromkeys("<>:/\\|?*", "_")})
 
 class AddressError(ValueError):
     """An address cannot be written into a header safely; names no address text."""
-
-
-def clean(value: str) -> str:
-    """One line of text: controls become spaces, runs of white space collapse, ends trimmed."""
-    # isprintable() is False for every control and separator: skip the translate if so.
-    return " ".join((value if value.isprintable() else value.translate(_CONTROLS)).split())
 
 
 def _utf8(value: str) -> bytes:
@@ -97,7 +89,7 @@ def _fold(name: str, words: list[str], tail: str = "") -> str:
 
 def unstructured(name: str, value: str) -> str:
     """A whole header field (with CRLF) for free text such as Subject (RFC 5322 §3.2.5)."""
-    text = clean(value)
+    text = one_line(value)
     if _needs_words(text, _FOLD_AT - len(name) - 2):
         return _fold(name, encoded_words(text, _FOLD_AT - len(name) - 2))
     return _fold(name, text.split())
@@ -112,7 +104,7 @@ def phrase_words(display_name: str, first: int) -> list[str]:
     encoded words is dropped by RFC 2047 §6.2 decoders but kept by others (the stdlib's
     address parser among them), so fewer adjacent encoded words mean fewer surprises.
     """
-    text = clean(display_name)
+    text = one_line(display_name)
     if not text:
         return []
     if len(text) <= 60 and not _needs_words(text, 60):
@@ -141,7 +133,7 @@ def split_mailbox(value: str) -> tuple[str, str]:
     Deliberately simpler than email.utils.parseaddr, which guesses at malformed input and
     can pick an address out of the display name.
     """
-    text = clean(value)
+    text = one_line(value)
     if not (text.endswith(">") and "<" in text):
         return "", text
     name, _, addr = text[:-1].rpartition("<")
@@ -202,7 +194,7 @@ def media_type(value: str) -> str:
 
 def safe_filename(filename: str) -> str:
     """One line without the characters Windows forbids; "attachment" when nothing is left."""
-    return clean(filename).translate(_FILENAME_CHARS).strip() or "attachment"
+    return one_line(filename).translate(_FILENAME_CHARS).strip() or "attachment"
 
 
 def filename_params(key: str, filename: str, *, extended: bool) -> str:

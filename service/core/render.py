@@ -26,8 +26,8 @@ from jinja2 import (
 from markupsafe import Markup, escape
 
 from service.core.directory import Contact
-from service.core.mime import clean
 from service.core.routing import Kind, Notification
+from service.core.text import one_line
 
 __all__ = ["FALLBACK_LOCALE", "RenderError", "RenderedMail", "Renderer"]
 
@@ -115,7 +115,7 @@ class Renderer:
         except Exception as exc:
             # `from None`: a chained cause could carry the data that upset the template.
             raise RenderError(f"{where}: {_reason(exc)}") from None
-        return RenderedMail(clean(subject), text, html)
+        return RenderedMail(one_line(subject), text, html)
 
     def check(self) -> None:
         """Render every kind in every locale folder (and a fallback) with sample data."""
@@ -149,9 +149,9 @@ def _reason(exc: BaseException) -> str:
             where = f"{Path(filename).parent.name}/{Path(filename).name} line {lineno}: "
     if isinstance(exc, TemplateSyntaxError):
         where = f"{exc.name or exc.filename or '?'} line {exc.lineno}: "
-        return f"{where}{type(exc).__name__}: {' '.join((exc.message or '').split())[:200]}"
+        return f"{where}{type(exc).__name__}: {one_line(exc.message or '', 200)}"
     if isinstance(exc, TemplateNotFound):
-        return f"{where}TemplateNotFound: {' '.join(str(exc.name).split())[:200]}"
+        return f"{where}TemplateNotFound: {one_line(str(exc.name), 200)}"
     message = str(exc)
     if _SAFE_UNDEFINED.fullmatch(message):
         return f"{where}{type(exc).__name__}: {message}"

@@ -4,54 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from service.core.backoff import backoff_delay
 from service.core.directory import Directory
 from service.core.events import ActivityEvent, InvalidEvent, parse_event
+from service.core.failures import Failure, Stage
 from service.core.message import message_id
 from service.core.routing import Notification, RoutingPolicy, RoutingResult, route
-from service.delivery.ledger import Entry, Key, Ledger, Where
-from service.delivery.prepare import NotPrepared, Outcome, PreparePool, Preparer, WorkerLost
+from service.delivery.build import MailBatch, MailBuilder, NotBuilt, Outcome
+from service.delivery.dead_letters import DeadLetterSink, Record, RetryLater
+from service.delivery.ledger import Entry, Key, Ledger
 from service.delivery.smtp import Mailer, PermanentSmtpError, TransientSmtpError
+from service.delivery.workers import WorkerLost
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger("service.delivery.dispatch")
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A Kafka record, independent of the client library that fetched it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    timestamp_ms: int | None = None
-
-
-class DeadLetterSink(Protocol):
-    """Where records that cannot be served go, with the reason."""
-
-    async def send(self, record: Record, stage: str, reason: str) -> None: ...
-
-
-class RetryLater(Exception):
-    """A transient failure outlived the in-process retry budget: rewind, commit nothing."""
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A permanent failure of one notification (or of the whole record)."""
-
-    stage: str
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +45,11 @@ class _Batch:
 
     `sent` holds the keys the ledger knew at the start of the batch plus every key sent
     since, so a later record of the same activity in this batch skips them too.
-    `prepared` maps a notification (by identity) to its chunk in the worker pool.
     """
 
     sent: set[Key]
     deadline: float
-    chunks: list[asyncio.Task[list[Outcome]]] = field(default_factory=list)
-    prepared: dict[int, tuple[asyncio.Task[list[Outcome]], int]] = field(default_factory=dict)
+    mails: MailBatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +61,6 @@ class Routed:
     ids: dict[str, str]
 
 
-def _where(record: Record) -> Where:
-    return (record.topic, record.partition, record.offset)
-
-
 class Dispatcher:
     """Validate → route → render → send → record → count, for each record of a batch."""
 
@@ -104,17 +69,15 @@ class Dispatcher:
         *,
         config: DeliveryConfig,
         directory: Directory,
-        preparer: Preparer,
+        builder: MailBuilder,
         ledger: Ledger,
         mailer: Mailer,
         dead_letters: DeadLetterSink,
         metrics: Metrics,
-        pool: PreparePool | None = None,
     ) -> None:
         self._config = config
         self._directory = directory
-        self._preparer = preparer
-        self._pool = pool
+        self._builder = builder
         self._ledger = ledger
         self._mailer = mailer
         self._dead_letters = dead_letters
@@ -134,9 +97,9 @@ class Dispatcher:
         """
         if self._stopping.is_set():
             raise RetryLater
-        done = await self._ledger.dead_lettered([_where(r) for r in records])
-        pending = [r for r in records if _where(r) not in done]
-        routed = {_where(r): self._route(r) for r in pending}
+        done = await self._ledger.dead_lettered([r.where for r in records])
+        pending = [r for r in records if r.where not in done]
+        routed = {r.where: self._route(r) for r in pending}
         sent = await self._ledger.sent(
             [
                 n.key
@@ -148,8 +111,16 @@ class Dispatcher:
         groups: dict[tuple[int, bytes | None], list[Record]] = defaultdict(list)
         for record in pending:
             groups[(record.partition, record.key)].append(record)
-        batch = _Batch(sent, time.monotonic() + self._config.retry_budget)
-        self._submit(batch, routed.values())
+        unsent = [
+            n
+            for item in routed.values()
+            if isinstance(item, Routed)
+            for n in item.result.notifications
+            if n.key not in sent
+        ]
+        batch = _Batch(
+            sent, time.monotonic() + self._config.retry_budget, self._builder.batch(unsent)
+        )
         slots = asyncio.Semaphore(self._config.concurrency)
 
         async def serve(group: list[Record]) -> None:
@@ -158,45 +129,20 @@ class Dispatcher:
                     # On shutdown, take no new record: what is left stays uncommitted.
                     if self._stopping.is_set():
                         raise RetryLater
-                    await self._serve(record, routed[_where(record)], batch)
+                    await self._serve(record, routed[record.where], batch)
 
         try:
             results = await asyncio.gather(
                 *(serve(group) for group in groups.values()), return_exceptions=True
             )
         finally:
-            # Chunks nobody waited for (a record failed, or shutdown): collect them quietly.
-            for task in batch.chunks:
-                task.cancel()
-            await asyncio.gather(*batch.chunks, return_exceptions=True)
+            await batch.mails.close()
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
             if not isinstance(error, RetryLater):
                 raise error
         if errors:
             raise errors[0]
-
-    def _submit(self, batch: _Batch, routed: Iterable[Routed | InvalidEvent]) -> None:
-        """Hand the batch's unsent mails without attachments to the worker pool, in order.
-
-        Mails with attachments are built here, just before they are sent, as without a
-        pool: a batch built ahead in full could hold gigabytes of attachments at once,
-        while no more than `concurrency` records are in flight here.
-        """
-        if self._pool is None:
-            return
-        todo = [
-            n
-            for item in routed
-            if isinstance(item, Routed)
-            for n in item.result.notifications
-            if n.key not in batch.sent and not n.attachments
-        ]
-        for chunk in self._pool.chunks(todo):
-            task = asyncio.create_task(self._pool.prepare(chunk))
-            batch.chunks.append(task)
-            for i, n in enumerate(chunk):
-                batch.prepared[id(n)] = (task, i)
 
     def _route(self, record: Record) -> Routed | InvalidEvent:
         try:
@@ -213,7 +159,7 @@ class Dispatcher:
     async def _serve(self, record: Record, item: Routed | InvalidEvent, batch: _Batch) -> None:
         """Serve one record; returns when it may be committed."""
         if isinstance(item, InvalidEvent):
-            await self._dead_letter(record, {}, Failure(item.stage, item.reason))
+            await self._dead_letter(record, {}, item.failure)
             self._metrics.event(None, "dead_lettered")
             return
         event, result, ids = item.event, item.result, item.ids
@@ -272,9 +218,9 @@ class Dispatcher:
             "kind": kind,
         }
         msg_id = message_id(n, self._config.domain)
-        outcome = await self._prepare(n, record, batch)
-        if isinstance(outcome, NotPrepared):
-            failure = Failure(outcome.stage, f"{kind}: {outcome.reason}")
+        outcome = await self._build(n, record, batch)
+        if isinstance(outcome, NotBuilt):
+            failure = Failure.of(outcome.failure.stage, f"{kind}: {outcome.failure.reason}")
             return await self._fail(n, msg_id, failure, ids)
         self._metrics.rendered(outcome.render_seconds)
         attempt = 0
@@ -286,7 +232,9 @@ class Dispatcher:
                     )
                     break
                 except PermanentSmtpError as exc:
-                    return await self._fail(n, msg_id, Failure("smtp", f"{kind}: {exc}"), ids)
+                    return await self._fail(
+                        n, msg_id, Failure.of(Stage.SMTP, f"{kind}: {exc}"), ids
+                    )
                 except TransientSmtpError as exc:
                     self._metrics.notification(kind, "failed_transient")
                     # The server's reply text may quote the address: log its code only.
@@ -308,27 +256,22 @@ class Dispatcher:
         log.info("sent", extra={**ids, "outcome": "sent", "message_id": msg_id})
         return None
 
-    async def _prepare(self, n: Notification, record: Record, batch: _Batch) -> Outcome:
-        """The message from the worker pool, or built here; waits for missing attachments."""
-        handle = batch.prepared.get(id(n))
-        if handle is None:
-            outcome = self._preparer.prepare(n)
-        else:
-            chunk, i = handle
-            try:
-                outcome = (await chunk)[i]
-            except WorkerLost:
-                raise RetryLater from None
-        attempt = 0
-        while isinstance(outcome, NotPrepared) and outcome.missing:
-            # A file may be uploaded just after its event: wait for it, measured from the
-            # record's timestamp so redeliveries do not restart the clock.
-            written = (record.timestamp_ms or 0) / 1000
-            if time.time() - written > self._config.attachment_wait:
-                break
-            await self._backoff(attempt, batch.deadline)
-            attempt += 1
-            outcome = self._preparer.prepare(n)
+    async def _build(self, n: Notification, record: Record, batch: _Batch) -> Outcome:
+        """The message; a missing attachment is waited for, without rendering again."""
+        try:
+            outcome = await batch.mails.build(n)
+            attempt = 0
+            while isinstance(outcome, NotBuilt) and outcome.missing:
+                # A file may be uploaded just after its event: wait for it, measured from
+                # the record's timestamp so redeliveries do not restart the clock.
+                written = (record.timestamp_ms or 0) / 1000
+                if time.time() - written > self._config.attachment_wait:
+                    break
+                await self._backoff(attempt, batch.deadline)
+                attempt += 1
+                outcome = await batch.mails.rebuild(n, outcome)
+        except WorkerLost:
+            raise RetryLater from None
         return outcome
 
     async def _fail(
@@ -345,8 +288,7 @@ class Dispatcher:
     async def _backoff(self, attempt: int, deadline: float) -> None:
         """Capped exponential backoff, jittered over its upper half; RetryLater past the budget."""
         self._metrics.retry()
-        delay = min(self._config.retry_max, self._config.retry_initial * 2**attempt)
-        delay = random.uniform(delay / 2, delay)
+        delay = backoff_delay(attempt, self._config.retry_initial, self._config.retry_max)
         if self._stopping.is_set() or time.monotonic() + delay > deadline:
             raise RetryLater
         try:
@@ -358,8 +300,8 @@ class Dispatcher:
     async def _dead_letter(self, record: Record, ids: dict[str, str], *failures: Failure) -> None:
         stage = failures[0].stage
         reason = "; ".join(f.reason for f in failures)[:900]
-        await self._dead_letters.send(record, stage, reason)
-        await self._ledger.record_dead_letter(_where(record), stage)
+        await self._dead_letters.send(record, Failure(stage, reason))
+        await self._ledger.record_dead_letter(record.where, stage)
         self._metrics.dead_letter(stage)
         log.error(
             "dead-lettered",

@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import aiosmtplib
+from aiosmtplib import SMTPStatus
 
+from service.core.text import one_line
 from service.delivery.smtp_wire import (
     SmtpReplyError,
     TransactionProtocol,
+    Withheld,
     dot_stuff,
     send_transaction,
 )
@@ -41,8 +44,18 @@ class PermanentSmtpError(Exception):
 class Mailer(Protocol):
     """What the dispatcher needs to hand a message to the SMTP server."""
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
-        """Return once the server accepted the message, or raise one of the errors above."""
+    async def send(
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Callable[[], bool] | None = None,
+    ) -> None:
+        """Return once the server accepted the message, or raise one of the errors above.
+
+        `may_finish`, if given, is asked right before the server would take the mail; when
+        it says no, nothing is delivered and Withheld is raised.
+        """
         ...
 
 
@@ -58,14 +71,23 @@ class SmtpConfig:
     password: str | None = None
     timeout: float = 30.0
     pool_size: int = 8
+    # False: plain aiosmtplib transactions instead of our pipelined fast path.
+    pipelining: bool = True
 
 
 @dataclass(slots=True)
 class _Connection:
-    """A connection past EHLO/STARTTLS/AUTH, driven by our transaction protocol."""
+    """A connection past EHLO/STARTTLS/AUTH: aiosmtplib's, or taken over by our protocol."""
 
-    protocol: TransactionProtocol
+    client: aiosmtplib.SMTP
+    protocol: TransactionProtocol | None  # None: plain aiosmtplib transactions
     pipelining: bool
+
+    @property
+    def closed(self) -> bool:
+        if self.protocol is not None:
+            return self.protocol.closed
+        return not self.client.is_connected
 
 
 class PoolObserver(Protocol):
@@ -86,7 +108,7 @@ class _NoObserver:
 
 def _short(message: str) -> str:
     # Server replies end up in logs and dead-letter headers: keep them one short line.
-    return " ".join(message.split())[:200]
+    return one_line(message, 200)
 
 
 class SmtpPool:
@@ -100,10 +122,6 @@ class SmtpPool:
         self._open = 0
         self._busy = 0
         self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._config.pool_size
 
     def _client(self) -> aiosmtplib.SMTP:
         config = self._config
@@ -136,12 +154,15 @@ class SmtpPool:
             # Even a 5xx greeting or refused login is the operator's problem, not the
             # mail's: retry it rather than dead-letter every message.
             raise TransientSmtpError(f"connect: {type(exc).__name__}: {_short(str(exc))}") from exc
+        pipelining = client.supports_extension("pipelining")
+        self._open += 1
+        if not self._config.pipelining:
+            return _Connection(client, None, pipelining)
         if client.transport is None:
             raise TransientSmtpError("connect: no transport")
         protocol = TransactionProtocol()
         protocol.adopt(client.transport)
-        self._open += 1
-        return _Connection(protocol, client.supports_extension("pipelining"))
+        return _Connection(client, protocol, pipelining)
 
     def _report(self) -> None:
         self._observer.connections(self._open, self._busy)
@@ -154,7 +175,7 @@ class SmtpPool:
         try:
             while self._idle and not holder:
                 idle = self._idle.pop()
-                if idle.protocol.closed:  # the server hung up while it sat idle
+                if idle.closed:  # the server hung up while it sat idle
                     self._drop(idle)
                 else:
                     holder.append(idle)
@@ -172,17 +193,25 @@ class SmtpPool:
     def _drop(self, connection: _Connection) -> None:
         self._open -= 1
         with contextlib.suppress(Exception):
-            connection.protocol.close()
+            if connection.protocol is not None:
+                connection.protocol.close()
+            else:
+                connection.client.close()
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Callable[[], bool] | None = None,
+    ) -> None:
         started = time.perf_counter()
         outcome = "error"
-        payload = dot_stuff(message)
         try:
             async with self._lease() as holder:
                 connection = holder[0]
                 try:
-                    await self._transact(connection, sender, recipient, payload)
+                    await self._transact(connection, sender, recipient, message, may_finish)
                 except BaseException:
                     # Mid-pipeline after a refusal, or broken: start afresh next time.
                     holder.clear()
@@ -195,19 +224,44 @@ class SmtpPool:
         except TransientSmtpError:
             outcome = "transient"
             raise
+        except Withheld:
+            outcome = "withheld"
+            raise
         finally:
             self._observer.send_finished(time.perf_counter() - started, outcome)
 
     async def _transact(
-        self, connection: _Connection, sender: str, recipient: str, payload: bytes
+        self,
+        connection: _Connection,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Callable[[], bool] | None,
     ) -> None:
         try:
             async with asyncio.timeout(self._config.timeout):
-                await send_transaction(
-                    connection.protocol, sender, recipient, payload, connection.pipelining
-                )
+                if connection.protocol is None:
+                    await _plain_transaction(
+                        connection.client, sender, recipient, message, may_finish
+                    )
+                else:
+                    await send_transaction(
+                        connection.protocol,
+                        sender,
+                        recipient,
+                        dot_stuff(message),
+                        connection.pipelining,
+                        may_finish,
+                    )
         except SmtpReplyError as exc:
             raise _classify(exc.code, exc.text) from exc
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0]
+            raise _classify(refused.code, refused.message) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _classify(exc.code, exc.message) from exc
+        except aiosmtplib.SMTPException as exc:
+            raise TransientSmtpError(f"{type(exc).__name__}: {_short(str(exc))}") from exc
         except ValueError as exc:
             # An address that cannot be put on the wire safely.
             raise PermanentSmtpError(553, _short(str(exc))) from exc
@@ -235,7 +289,28 @@ class SmtpPool:
         self._report()
 
 
+async def _plain_transaction(
+    client: aiosmtplib.SMTP,
+    sender: str,
+    recipient: str,
+    message: bytes,
+    may_finish: Callable[[], bool] | None,
+) -> None:
+    """One mail through aiosmtplib itself (NOTIFY_SMTP_PIPELINING=false).
+
+    aiosmtplib offers no hook before the end of DATA, so `may_finish` is asked just before
+    the transaction starts: a looser check than the fast path's.
+    """
+    if may_finish is not None and not may_finish():
+        raise Withheld
+    errors, _ = await client.sendmail(sender, [recipient], message)
+    if recipient in errors:
+        code, text = errors[recipient]
+        raise SmtpReplyError(code, text)
+
+
 def _classify(code: int, message: str) -> Exception:
-    if 500 <= code < 600:
+    # RFC 5321 §4.2.1: 5yz is a permanent negative completion, 4yz a transient one.
+    if SMTPStatus.unrecognized_command <= code < 600:
         return PermanentSmtpError(code, _short(message))
     return TransientSmtpError(f"{code} {_short(message)}", code)

@@ -2,8 +2,10 @@
 
 aiosmtplib does the connection set-up (greeting, EHLO, STARTTLS, AUTH); then this protocol
 takes the transport over. It sends MAIL, RCPT and DATA in one write when the server offers
-PIPELINING, dot-stuffs with one bytes.replace, and waits under one timeout per
-transaction: about a seventh of aiosmtplib's CPU per mail (benchmarks/out/breakdown.json).
+PIPELINING, dot-stuffs with one bytes.replace, and waits under one timeout per transaction:
+a fraction of aiosmtplib's CPU per mail (benchmarks/README.md has the figures). The adoption
+relies on aiosmtplib exposing its transport; tests/test_smtp_transaction.py fails loudly if a
+new aiosmtplib stops allowing it, and NOTIFY_SMTP_PIPELINING=false uses plain aiosmtplib.
 """
 
 from __future__ import annotations
@@ -11,10 +13,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+from collections.abc import Callable
+
+from aiosmtplib import SMTPStatus
 
 # A reply line: three digits, then "-" (more lines follow) or " "/end (RFC 5321 §4.2).
 _REPLY_LINE = re.compile(rb"(\d{3})([ -]?)(.*)")
 MAX_REPLY_BYTES = 64 * 1024
+# A large mail is written in pieces of this size, each after the transport drained below
+# its high-water mark, so a slow server holds back our writes instead of our memory.
+WRITE_CHUNK = 256 * 1024
+END_OF_DATA = b".\r\n"
 # Anything an address may not carry on the wire: controls, spaces and angle brackets.
 _BAD_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
 
@@ -32,6 +41,10 @@ class ConnectionLost(ConnectionError):
     """The server closed the connection or sent something that is not SMTP."""
 
 
+class Withheld(Exception):
+    """The caller's last check before the end of DATA said no: nothing was delivered."""
+
+
 class TransactionProtocol(asyncio.Protocol):
     """Collects complete replies in order; one waiter at a time reads them."""
 
@@ -41,6 +54,7 @@ class TransactionProtocol(asyncio.Protocol):
         self._replies: collections.deque[tuple[int, str]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
+        self._writable: asyncio.Future[None] | None = None  # set while writing is paused
         self.transport: asyncio.WriteTransport | None = None
 
     @property
@@ -79,10 +93,31 @@ class TransactionProtocol(asyncio.Protocol):
         self._fail(ConnectionLost("server closed the connection"))
         return False
 
+    def pause_writing(self) -> None:
+        # asyncio calls this when the transport's buffer passes its high-water mark.
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    async def drain(self) -> None:
+        """Return once the transport's buffer is below its high-water mark again."""
+        if self._error is not None:
+            raise self._error
+        if self._writable is not None:
+            await self._writable
+            if self._error is not None:
+                raise self._error
+
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
         self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -100,7 +135,7 @@ class TransactionProtocol(asyncio.Protocol):
             self._waiter = None
         return self._replies.popleft()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.closed or self.transport is None:
             raise self._error or ConnectionLost("connection closed")
         self.transport.write(data)
@@ -111,9 +146,18 @@ class TransactionProtocol(asyncio.Protocol):
                 self.transport.write(b"QUIT\r\n")
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection at once, unsent bytes included (mid-DATA: nothing is sent)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._fail(ConnectionLost("aborted"))
+
 
 def dot_stuff(message: bytes) -> bytes:
-    """The DATA payload: CRLF line ends, leading dots doubled, ended by CRLF.CRLF (§4.5.2)."""
+    """The DATA payload without its end: CRLF line ends, leading dots doubled (§4.5.2).
+
+    The caller writes END_OF_DATA (".\\r\\n") after it.
+    """
     # A bare CR or LF could smuggle a second message past some servers: normalise them.
     # (Counting allocates nothing; our MIME builder writes CRLF only, so this rarely fires.)
     pairs = message.count(b"\r\n")
@@ -123,7 +167,7 @@ def dot_stuff(message: bytes) -> bytes:
         message += b"\r\n"
     if message.startswith(b"."):
         message = b"." + message
-    return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    return message.replace(b"\r\n.", b"\r\n..")
 
 
 def envelope_address(address: str) -> bytes:
@@ -134,9 +178,19 @@ def envelope_address(address: str) -> bytes:
 
 
 async def send_transaction(
-    protocol: TransactionProtocol, sender: str, recipient: str, payload: bytes, pipelining: bool
+    protocol: TransactionProtocol,
+    sender: str,
+    recipient: str,
+    payload: bytes,
+    pipelining: bool,
+    may_finish: Callable[[], bool] | None = None,
 ) -> None:
     """MAIL, RCPT, DATA and the payload (already dot-stuffed); raise on any refusal.
+
+    `may_finish` is asked right before the end of DATA, the moment the server takes the
+    mail: if it says no, the connection is dropped unfinished (the server discards the
+    message, RFC 5321 §4.1.1.4) and Withheld is raised. Nothing else is awaited between that
+    check and the write of the five bytes that end the mail.
 
     After a refusal the connection is in an unknown state mid-pipeline: the caller drops
     it rather than trying RSET, which costs one reconnect on a rare event.
@@ -144,7 +198,7 @@ async def send_transaction(
     mail = b"MAIL FROM:" + envelope_address(sender) + b"\r\n"
     rcpt = b"RCPT TO:" + envelope_address(recipient) + b"\r\n"
     # MAIL and RCPT succeed with any 2xx (251 forwards), DATA asks for input with 354.
-    expected = ((mail, 2), (rcpt, 2), (b"DATA\r\n", 3))
+    expected = ((mail, 2), (rcpt, 2), (b"DATA\r\n", SMTPStatus.start_input // 100))
     if pipelining:
         # RFC 2920 §3.1: MAIL, RCPT and DATA may go in one batch; DATA is the last.
         protocol.write(b"".join(command for command, _ in expected))
@@ -154,12 +208,19 @@ async def send_transaction(
         for command, _ in expected:
             protocol.write(command)
             replies.append(await protocol.reply())
-            if replies[-1][0] >= 400:
+            if replies[-1][0] >= SMTPStatus.domain_unavailable:  # any 4xx or 5xx
                 break
     for (code, text), (_, wanted) in zip(replies, expected, strict=False):
         if code // 100 != wanted:
             raise SmtpReplyError(code, text)
-    protocol.write(payload)
+    view = memoryview(payload)
+    for start in range(0, len(view), WRITE_CHUNK):
+        protocol.write(view[start : start + WRITE_CHUNK])
+        await protocol.drain()
+    if may_finish is not None and not may_finish():
+        protocol.abort()
+        raise Withheld
+    protocol.write(END_OF_DATA)
     code, text = await protocol.reply()
-    if code // 100 != 2:
+    if code // 100 != SMTPStatus.completed // 100:
         raise SmtpReplyError(code, text)

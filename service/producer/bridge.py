@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
@@ -17,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.backoff import backoff_delay
 from service.core.events import InvalidEvent, Ticket
 from service.producer.backend import BackendClient, BackendError, Filter, TicketsUnsupported
 from service.producer.cursor import (
@@ -133,14 +133,6 @@ class BridgeMetrics:
         return 0.0 if self._covered is None else max(time.time() - self._covered, 0.0)
 
 
-def backoff_delay(
-    failures: int, initial: float, maximum: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Exponential backoff with "equal jitter": between half the ceiling and the ceiling."""
-    ceiling = min(maximum, initial * 2.0 ** min(max(failures - 1, 0), 30))
-    return ceiling / 2 + rand() * ceiling / 2
-
-
 def outcome_of(exc: BaseException) -> str:
     if isinstance(exc, BackendError):
         return "backend_error"
@@ -200,7 +192,7 @@ class Bridge:
                 outcome = outcome_of(exc)
                 self._metrics.polls.labels(outcome).inc()
                 delay = backoff_delay(
-                    failures,
+                    failures - 1,
                     self._settings.backoff_initial_seconds,
                     self._settings.backoff_max_seconds,
                 )

@@ -19,6 +19,9 @@ from prometheus_client import (
 )
 
 from service import __version__
+from service.core.events import EVENT_TYPES
+from service.core.failures import Stage
+from service.core.routing import Kind
 
 # 0.075 and 0.15 let the 150 ms objective be read straight off the histogram.
 LATENCY_BUCKETS = (
@@ -42,8 +45,8 @@ LATENCY_BUCKETS = (
 )
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
 
-EVENT_TYPES = frozenset({"ticketActivity.created", "ticketActivity.updated"})
-KINDS = ("customer_content", "customer_update", "staff", "supplier")
+# Label sets come from the definitions they count, so a new kind or stage is exported at once.
+KINDS = tuple(kind.value for kind in Kind)
 NOTIFICATION_OUTCOMES = (
     "sent",
     "skipped_duplicate",
@@ -52,8 +55,8 @@ NOTIFICATION_OUTCOMES = (
     "failed_permanent",
 )
 EVENT_OUTCOMES = ("processed", "dead_lettered", "retry_later")
-SMTP_OUTCOMES = ("accepted", "transient", "permanent", "error")
-STAGES = ("decode", "cloudevent", "type", "activity", "render", "attachment", "address", "smtp")
+SMTP_OUTCOMES = ("accepted", "transient", "permanent", "withheld", "error")
+REWIND_REASONS = ("retry_later", "error", "rebalanced")
 
 
 class Metrics:
@@ -84,7 +87,7 @@ class Metrics:
         )
         self.rewinds = Counter(
             "notifier_batch_rewinds",
-            "Batches rewound uncommitted, by reason (retry_later, error).",
+            "Batches rewound or left uncommitted, by reason (retry_later, error, rebalanced).",
             ["reason"],
             registry=registry,
         )
@@ -141,13 +144,12 @@ class Metrics:
         )
         self._events = {
             (event_type, outcome): self.events.labels(event_type, outcome)
-            for event_type in (*sorted(EVENT_TYPES), "invalid")
+            for event_type in (*EVENT_TYPES, "invalid")
             for outcome in EVENT_OUTCOMES
         }
         self._smtp = {outcome: self.smtp_send_seconds.labels(outcome) for outcome in SMTP_OUTCOMES}
-        self._stages = {stage: self.dead_letters.labels(stage) for stage in STAGES}
-        for reason in ("retry_later", "error"):
-            self.rewinds.labels(reason)
+        self._stages = {stage: self.dead_letters.labels(stage.value) for stage in Stage}
+        self._rewinds = {reason: self.rewinds.labels(reason) for reason in REWIND_REASONS}
         self._open = self.pool_connections.labels("open")
         self._busy = self.pool_connections.labels("busy")
         # Process memory, CPU and file descriptors, in this registry rather than the global.
@@ -161,14 +163,14 @@ class Metrics:
     def notification(self, kind: str, outcome: str) -> None:
         _child(self._notifications, (kind, outcome), self.notifications).inc()
 
-    def dead_letter(self, stage: str) -> None:
-        _child(self._stages, stage, self.dead_letters).inc()
+    def dead_letter(self, stage: Stage) -> None:
+        self._stages[stage].inc()
 
     def retry(self) -> None:
         self.retries.inc()
 
     def rewind(self, reason: str) -> None:
-        self.rewinds.labels(reason).inc()
+        _child(self._rewinds, reason, self.rewinds).inc()
 
     def delivered(self, event_time: datetime | None) -> None:
         if event_time is None:

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     smtp_ca_file: Path | None = None
     smtp_timeout_seconds: float = Field(default=30.0, gt=0)
     smtp_pool_size: int = Field(default=8, ge=1, le=256)
+    # false: plain aiosmtplib transactions instead of the pipelined fast path (a safety valve).
+    smtp_pipelining: bool = True
 
     # Mail
     mail_from: str = "Helpdesk <helpdesk@localhost>"

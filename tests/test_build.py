@@ -1,4 +1,4 @@
-"""Building mails in worker processes: chunking, outcomes, and workers that die with the service."""
+"""Building mails: inline and in worker processes, keyed by notification, off the event loop."""
 
 from __future__ import annotations
 
@@ -8,19 +8,23 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.core.directory import Contact
 from service.core.routing import Kind, Notification
-from service.delivery.prepare import CHUNK_MAX, NotPrepared, Prepared, PreparePool, PreparerSpec
+from service.delivery.build import Built, InlineBuilder, MailSpec, NotBuilt
+from service.delivery.workers import CHUNK_MAX, PooledBuilder
 from service.runtime.settings import default_templates_dir
 
 
-def spec(store: Path) -> PreparerSpec:
-    return PreparerSpec(
+def spec(store: Path) -> MailSpec:
+    return MailSpec(
         templates_dir=default_templates_dir(),
         attachments_dir=store,
         max_attachment_bytes=1000,
@@ -59,7 +63,7 @@ def notification(i: int, *attachments: str) -> Notification:
 def test_chunks_share_the_work_and_stay_small(
     tmp_path: Path, count: int, workers: int, sizes: list[int]
 ) -> None:
-    pool = PreparePool(spec(tmp_path), workers)
+    pool = pooled(tmp_path, workers)
     try:
         ns = [notification(i) for i in range(count)]
         chunks = pool.chunks(ns)
@@ -67,6 +71,10 @@ def test_chunks_share_the_work_and_stay_small(
         assert [n for c in chunks for n in c] == ns
     finally:
         pool.close()
+
+
+def pooled(store: Path, workers: int) -> PooledBuilder:
+    return PooledBuilder(spec(store), workers, InlineBuilder(spec(store).factory()))
 
 
 async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) -> None:
@@ -79,24 +87,95 @@ async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) 
         notification(4, "../escape"),
         notification(5, "big.bin"),
     ]
-    local = [spec(tmp_path).create().prepare(n) for n in ns]
-    pool = PreparePool(spec(tmp_path), 1)
+    local = [spec(tmp_path).factory().build(n) for n in ns]
+    pool = pooled(tmp_path, 1)
     try:
-        remote = await pool.prepare(ns)
+        # Mails with attachments are built inline even with workers: ask a worker directly.
+        remote = await pool._build_chunk(ns)
     finally:
         pool.close()
-    assert [type(o) for o in remote] == [Prepared, Prepared, NotPrepared, NotPrepared, NotPrepared]
-    assert [(o.stage, o.missing) for o in remote if isinstance(o, NotPrepared)] == [
+    assert [type(o) for o in remote] == [Built, Built, NotBuilt, NotBuilt, NotBuilt]
+    assert [(o.failure.stage, o.missing) for o in remote if isinstance(o, NotBuilt)] == [
         ("attachment", True),
         ("attachment", False),
         ("attachment", False),
     ]
     for mine, theirs in zip(local, remote, strict=True):
-        if isinstance(mine, Prepared) and isinstance(theirs, Prepared):
+        if isinstance(mine, Built) and isinstance(theirs, Built):
             # Same message but for the Date header, which is taken when built.
             assert _without_date(mine.data) == _without_date(theirs.data)
         else:
-            assert mine == theirs
+            assert replace(mine, render_seconds=0) == replace(theirs, render_seconds=0)
+
+
+async def test_a_batch_finds_each_mail_by_key_and_content(tmp_path: Path) -> None:
+    first = notification(1)
+    edited = replace(first, activity_text="edited text")  # same key, other content
+    pool = pooled(tmp_path, 1)
+    await pool.start()
+    try:
+        batch = pool.batch([first, edited, notification(2)])
+        # One worker call per key: the edited twin is built here, with its own text.
+        assert sorted(batch.ahead) == sorted([first.key, notification(2).key])
+        built = [await batch.build(n) for n in (first, edited, notification(2))]
+        await batch.close()
+    finally:
+        pool.close()
+    assert all(isinstance(b, Built) for b in built)
+    texts = [b.data for b in built if isinstance(b, Built)]
+    assert b"text 1" in texts[0]
+    assert b"edited text" in texts[1]
+    assert b"text 2" in texts[2]
+
+
+async def test_a_missing_attachment_is_retried_without_rendering_again(tmp_path: Path) -> None:
+    builder = InlineBuilder(spec(tmp_path).factory())
+    renders: list[str] = []
+    real = builder.factory.render
+
+    def counting(n: Notification) -> Any:
+        renders.append(n.activity_id)
+        return real(n)
+
+    builder.factory.render = counting  # type: ignore[method-assign]
+    try:
+        batch = builder.batch([])
+        n = notification(7, "late.pdf")
+        first = await batch.build(n)
+        assert isinstance(first, NotBuilt)
+        assert first.missing
+        assert first.rendered is not None
+        again = await batch.rebuild(n, first)
+        assert isinstance(again, NotBuilt)
+        assert again.missing
+        (tmp_path / "late.pdf").write_bytes(b"%PDF-1.4 late")
+        done = await batch.rebuild(n, again)
+        assert isinstance(done, Built)
+        assert b"late.pdf" in done.data
+        assert renders == ["7"]
+    finally:
+        builder.close()
+
+
+async def test_attachment_files_are_read_off_the_event_loop(tmp_path: Path) -> None:
+    (tmp_path / "ok.txt").write_bytes(b"fine")
+    builder = InlineBuilder(spec(tmp_path).factory())
+    threads: list[str] = []
+    real = builder.factory.load
+
+    def spying(refs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(refs)
+
+    builder.factory.load = spying  # type: ignore[method-assign]
+    try:
+        built = await builder.batch([]).build(notification(8, "ok.txt"))
+    finally:
+        builder.close()
+    assert isinstance(built, Built)
+    assert threads
+    assert threads[0] != threading.main_thread().name
+    assert threads[0].startswith("attachments")
 
 
 def _without_date(data: bytes) -> bytes:
@@ -108,11 +187,10 @@ def test_workers_exit_when_the_service_is_killed(tmp_path: Path) -> None:
         f"""
         import asyncio, multiprocessing, sys
         from pathlib import Path
-        from tests.test_prepare import spec
-        from service.delivery.prepare import PreparePool
+        from tests.test_build import pooled
 
         async def main() -> None:
-            pool = PreparePool(spec(Path({str(tmp_path)!r})), 2)
+            pool = pooled(Path({str(tmp_path)!r}), 2)
             await pool.start()
             print(*(c.pid for c in multiprocessing.active_children()), flush=True)
             await asyncio.sleep(60)

@@ -1,0 +1,173 @@
+"""Mails built in worker processes: `PooledBuilder`, the MailBuilder that spreads the work.
+
+Rendering and MIME building hold the GIL, so a single event loop cannot overlap them with
+Kafka and SMTP work. Worker processes (spawned, each with its own compiled templates) build
+a chunk of notifications per call: one call per mail would cost the event loop about as
+much as the work it hands off (benchmarks/README.md has the figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+from service.core.routing import Notification
+from service.delivery.build import (
+    InlineBatch,
+    InlineBuilder,
+    MailFactory,
+    MailSpec,
+    NotBuilt,
+    Outcome,
+)
+
+log = logging.getLogger("service.delivery.workers")
+
+# Notifications per call into a worker: large enough that pickling and the round trip are
+# a small share, small enough that the first mails of a large batch go out while the rest
+# are still being built.
+CHUNK_MAX = 64
+
+Key = tuple[str, ...]
+
+
+class WorkerLost(Exception):
+    """A worker process died (killed, out of memory): the chunk's outcome is unknown."""
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """A notification handed to a worker, and where its outcome will be."""
+
+    notification: Notification
+    chunk: asyncio.Task[list[Outcome]]
+    index: int
+
+
+@dataclass(slots=True)
+class PooledBatch:
+    """One Kafka batch: its attachment-free mails built ahead by the workers."""
+
+    inline: InlineBatch
+    ahead: dict[Key, _Ahead] = field(default_factory=dict)
+    chunks: list[asyncio.Task[list[Outcome]]] = field(default_factory=list)
+
+    async def build(self, n: Notification) -> Outcome:
+        entry = self.ahead.get(n.key)
+        # Two records of one activity in a batch give the same key; only the notification
+        # that was sent ahead takes the worker's outcome, the other is built here.
+        if entry is None or entry.notification != n:
+            return await self.inline.build(n)
+        del self.ahead[n.key]
+        try:
+            return (await entry.chunk)[entry.index]
+        except BrokenProcessPool:
+            raise WorkerLost from None
+
+    async def rebuild(self, n: Notification, previous: NotBuilt) -> Outcome:
+        return await self.inline.rebuild(n, previous)
+
+    async def close(self) -> None:
+        # Chunks nobody waited for (a record failed, or shutdown): collect them quietly.
+        for task in self.chunks:
+            task.cancel()
+        await asyncio.gather(*self.chunks, return_exceptions=True)
+
+
+class PooledBuilder:
+    """`workers` processes, each with its own MailFactory (templates, attachment cache)."""
+
+    def __init__(self, spec: MailSpec, workers: int, inline: InlineBuilder) -> None:
+        if workers < 1:
+            raise ValueError("a pool needs at least one worker")
+        self._spec = spec
+        self.workers = workers
+        self._inline = inline
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(self._spec, os.getpid()),
+        )
+
+    async def start(self) -> None:
+        """Start every worker now, so the first batch does not wait for imports."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(self._executor, _ready) for _ in range(self.workers))
+        )
+
+    def chunks(self, ns: Sequence[Notification]) -> list[Sequence[Notification]]:
+        """Split a batch's notifications so every worker gets a share, CHUNK_MAX at most."""
+        size = min(CHUNK_MAX, max(1, -(-len(ns) // self.workers)))
+        return [ns[i : i + size] for i in range(0, len(ns), size)]
+
+    def batch(self, ahead: Sequence[Notification]) -> PooledBatch:
+        """Send the mails without attachments to the workers, in order, each key once."""
+        batch = PooledBatch(self._inline.batch(()))
+        todo: list[Notification] = []
+        seen: set[Key] = set()
+        for n in ahead:
+            if not n.attachments and n.key not in seen:
+                seen.add(n.key)
+                todo.append(n)
+        for chunk in self.chunks(todo):
+            task = asyncio.create_task(self._build_chunk(chunk))
+            batch.chunks.append(task)
+            for i, n in enumerate(chunk):
+                batch.ahead[n.key] = _Ahead(n, task, i)
+        return batch
+
+    async def _build_chunk(self, ns: Sequence[Notification]) -> list[Outcome]:
+        executor = self._executor
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, _build_chunk, ns)
+        except BrokenProcessPool:
+            # Every pending call of a broken pool fails; the first to get here replaces it.
+            if self._executor is executor:
+                log.error("render worker died; starting new ones", extra={"workers": self.workers})
+                self._executor = self._new_executor()
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._inline.close()
+
+
+# The worker side: one MailFactory per process, made by the pool's initializer.
+_factory: MailFactory | None = None
+
+
+def _start_worker(spec: MailSpec, parent: int) -> None:
+    global _factory
+    _factory = spec.factory()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A parent killed with SIGKILL cannot shut its pool down: do not outlive it.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _ready() -> bool:
+    return _factory is not None
+
+
+def _build_chunk(ns: Sequence[Notification]) -> list[Outcome]:
+    assert _factory is not None, "worker not initialized"
+    return [_factory.build(n) for n in ns]

@@ -1,0 +1,145 @@
+"""The one place below FastStream: a batch handler that commits, rewinds and measures by hand.
+
+FastStream's batch subscriber (with `AckPolicy.MANUAL`) fetches and hands us batches; three
+things it cannot do are done here, on the subscriber's public `consumer` (aiokafka's):
+- Keep header bytes: its default parser decodes every header value as UTF-8, and one binary
+  header would fail the whole batch forever. Our parser hook hands the raw records on.
+- Rewind safely: its `nack()` seeks every partition of the batch, and aiokafka refuses a seek
+  on a partition this instance no longer owns after a rebalance. We seek only owned ones.
+- Survive a commit that races a rebalance: the records come back to whoever owns them now,
+  and the ledger keeps them from being sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from faststream.kafka.message import FAKE_CONSUMER, KafkaMessage
+from faststream.kafka.subscriber.usecase import BatchSubscriber
+
+from service.delivery.dead_letters import Record, RetryLater
+from service.delivery.dispatch import Dispatcher
+from service.runtime.metrics import Metrics
+
+log = logging.getLogger("service.runtime.consumer")
+
+REWIND_PAUSE_SECONDS = 1.0
+
+
+def record_of(raw: ConsumerRecord[Any, Any]) -> Record:
+    return Record(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        key=raw.key,
+        value=raw.value,
+        headers=tuple((k, v if isinstance(v, bytes) else b"") for k, v in raw.headers),
+        timestamp_ms=raw.timestamp,
+    )
+
+
+class BatchConsumer:
+    """Serves each batch through the dispatcher, then commits it or rewinds it."""
+
+    def __init__(
+        self, subscriber: BatchSubscriber, dispatcher: Dispatcher, metrics: Metrics
+    ) -> None:
+        self._subscriber = subscriber
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The subscriber's aiokafka consumer, while it runs."""
+        return self._subscriber.consumer
+
+    async def parse(self, records: tuple[ConsumerRecord[Any, Any], ...], original: Any) -> Any:
+        """FastStream parser hook: the batch as it came, bodies and headers left as bytes."""
+        first, last = records[0], records[-1]
+        return KafkaMessage(
+            records,
+            body=b"",
+            message_id=f"{first.topic}-{first.partition}-{first.offset}-{last.offset}",
+            consumer=self.consumer or FAKE_CONSUMER,
+        )
+
+    async def decode(self, message: Any, original: Any) -> None:
+        """FastStream decoder hook: bodies are parsed by the dispatcher, which dead-letters."""
+        return
+
+    async def handle(self, message: KafkaMessage) -> None:
+        """Serve one batch; commit it only when every record is done."""
+        raw: tuple[ConsumerRecord[Any, Any], ...] = message.raw_message
+        records = [record_of(r) for r in raw]
+        try:
+            await self._dispatcher.handle_batch(records)
+        except RetryLater:
+            # Rewind every partition of the batch; the ledger keeps what was sent.
+            self._metrics.rewind("retry_later")
+            self._rewind(records)
+            return
+        except Exception as exc:
+            # Anything unforeseen must not let the next commit pass these records by:
+            # rewind too, and pause so a persistent fault does not spin.
+            self._metrics.rewind("error")
+            log.error(
+                "batch failed, rewinding",
+                extra={"error": type(exc).__name__, "records": len(records)},
+                exc_info=True,
+            )
+            self._rewind(records)
+            await asyncio.sleep(REWIND_PAUSE_SECONDS)
+            return
+        await self._commit()
+
+    async def _commit(self) -> None:
+        consumer = self.consumer
+        if consumer is None:
+            return
+        try:
+            # Commits the consumed position of every partition this instance owns now: a
+            # partition lost in a rebalance is not among them.
+            await consumer.commit()
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group rebalanced under us: the new owner reads these records again and
+            # the ledger skips what was sent.
+            self._metrics.rewind("rebalanced")
+            log.warning("commit refused after a rebalance", extra={"error": type(exc).__name__})
+
+    def _rewind(self, records: list[Record]) -> None:
+        consumer = self.consumer
+        if consumer is None:
+            return
+        owned = consumer.assignment()
+        earliest: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            earliest[tp] = min(earliest.get(tp, record.offset), record.offset)
+        for tp, offset in earliest.items():
+            if tp in owned:
+                consumer.seek(tp, offset)
+
+    async def measure_lag(self) -> None:
+        """Records behind the end of each owned partition, from the last commit."""
+        consumer = self.consumer
+        partitions = list(consumer.assignment()) if consumer is not None else []
+        if consumer is None or not partitions:
+            self._metrics.lags({})
+            return
+        try:
+            ends = await consumer.end_offsets(partitions)
+            starts = await consumer.beginning_offsets(partitions)
+            behind = {}
+            for tp in partitions:
+                # Nothing committed yet: count from the oldest record retention has kept.
+                committed = await consumer.committed(tp)
+                start = starts[tp] if committed is None else committed
+                behind[tp.partition] = max(0, ends[tp] - start)
+        except (KafkaError, IllegalStateError) as exc:  # the next round tries again
+            log.warning("consumer lag not measured", extra={"error": type(exc).__name__})
+            return
+        self._metrics.lags(behind)
