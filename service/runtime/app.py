@@ -18,12 +18,11 @@ from service.delivery.dispatch import Dispatcher
 from service.delivery.ledger import SqliteLedger
 from service.delivery.smtp import SmtpPool
 from service.runtime.consumer import BatchConsumer
+from service.runtime.group import GroupWatch
 from service.runtime.parts import build_parts, delivery_config, mail_builder, smtp_config
 from service.runtime.settings import Settings
 
 log = logging.getLogger("service.runtime.app")
-
-LAG_INTERVAL_SECONDS = 10.0
 
 
 def create_app(settings: Settings) -> AsgiFastStream:
@@ -71,6 +70,12 @@ def create_app(settings: Settings) -> AsgiFastStream:
         description="Ticket activity CloudEvents; see docs/asyncapi.yaml for the schema.",
     )
     consumer = BatchConsumer(subscriber, dispatcher, metrics)
+    group = GroupWatch(
+        settings.kafka_bootstrap_servers,
+        settings.group_id,
+        shared_ledger=settings.ledger_is_shared,
+        metrics=metrics,
+    )
 
     @subscriber(parser=consumer.parse, decoder=consumer.decode)
     async def handle(message: KafkaMessage) -> None:
@@ -78,15 +83,16 @@ def create_app(settings: Settings) -> AsgiFastStream:
 
     tasks: list[asyncio.Task[None]] = []
 
-    async def report_lag() -> None:
+    async def watch_group() -> None:
         while True:
-            await asyncio.sleep(LAG_INTERVAL_SECONDS)
+            await group.check()
             await consumer.measure_lag()
+            await asyncio.sleep(settings.watch_interval_seconds)
 
     async def start() -> None:
         await builder.start()
         await ledger.open()
-        tasks.append(asyncio.create_task(report_lag()))
+        tasks.append(asyncio.create_task(watch_group()))
 
     async def stop_consuming() -> None:
         dispatcher.stop()
@@ -94,6 +100,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
     async def stop() -> None:
         for task in tasks:
             task.cancel()
+        await group.close()
         await pool.close()
         await ledger.close()
         builder.close()
@@ -109,6 +116,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
             reasons.append("kafka unreachable")
         if not await pool.ping():
             reasons.append("smtp unreachable")
+        if group.unsafe:
+            reasons.append(f"sqlite ledger shared by {group.members} instances of the group")
         if reasons:
             return AsgiResponse(("; ".join(reasons) + "\n").encode(), 503)
         return AsgiResponse(b"ready\n", 200)

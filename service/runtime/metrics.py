@@ -130,6 +130,16 @@ class Metrics:
             ["state"],
             registry=registry,
         )
+        self.group_members = Gauge(
+            "notifier_group_members",
+            "Members of this instance's consumer group, as last counted.",
+            registry=registry,
+        )
+        self.unsafe_ledger = Gauge(
+            "notifier_unsafe_ledger",
+            "1 while other instances share the consumer group but not this (SQLite) ledger.",
+            registry=registry,
+        )
         self.build = Info("notifier_build", "Version of the notifier.", registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
         # Every series exists from the start, so rate() and increase() see the first count;

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     # Operations
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
+    watch_interval_seconds: float = Field(default=10.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("mail_from", "reply_to")
@@ -124,6 +125,11 @@ class Settings(BaseSettings):
         if self.ledger_url.split("://", 1)[0] not in {"sqlite", "memory"}:
             raise ValueError("NOTIFY_LEDGER_URL: only sqlite:///PATH and memory:// are supported")
         return self
+
+    @property
+    def ledger_is_shared(self) -> bool:
+        """Whether every instance of the group can see this ledger (PostgreSQL)."""
+        return self.ledger_url.split("://", 1)[0] in {"postgresql", "postgres"}
 
     @property
     def envelope_from(self) -> str:
