@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from service.delivery.dead_letters import original_headers
 from service.runtime.settings import Settings
-
-# Headers the dead-letter path added; a replayed record goes back without them.
-DLQ_HEADERS = ("x-error-", "x-original-")
 
 
 def replay_headers(
     headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...], origin: str
 ) -> list[tuple[str, bytes]]:
     """The record's original headers, plus where the replay came from."""
-    kept = [(k, v) for k, v in headers if not k.startswith(DLQ_HEADERS) and k != "x-replayed-from"]
+    kept = [(k, v) for k, v in original_headers(headers) if k != "x-replayed-from"]
     return [*kept, ("x-replayed-from", origin.encode())]
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from service.core.failures import Failure
@@ -19,9 +19,6 @@ log = logging.getLogger("service.delivery.dead_letters")
 TRUNCATED_BYTES = 64 * 1024
 # Headers the dead-letter path adds; a replayed record goes back without them.
 ADDED_PREFIXES = ("x-error-", "x-original-")
-# FastStream publishes header values as text: a value that is not UTF-8 travels base64-encoded
-# under this prefix, and `original_headers` turns it back into its bytes on replay.
-BINARY_PREFIX = "x-original-binary."
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,62 +51,65 @@ class DeadLetterSink(Protocol):
         ...
 
 
-def dead_letter_headers(record: Record, failure: Failure) -> dict[str, str]:
-    """The record's own headers plus `x-error-*` and `x-original-*` (values as text)."""
-    headers: dict[str, str] = {}
-    for name, value in record.headers:
-        if name.startswith("x-error-"):
-            continue
-        try:
-            headers[name] = value.decode("utf-8")
-        except UnicodeDecodeError:
-            headers[BINARY_PREFIX + name] = base64.b64encode(value).decode("ascii")
-    headers["x-error-stage"] = failure.stage.value
-    headers["x-error-reason"] = failure.reason
-    headers["x-original-topic"] = record.topic
-    headers["x-original-partition"] = str(record.partition)
-    headers["x-original-offset"] = str(record.offset)
-    return headers
+def dead_letter_headers(record: Record, failure: Failure) -> list[tuple[str, bytes]]:
+    """The record's own headers, byte for byte, plus `x-error-*` and `x-original-*`."""
+    return [
+        *((k, v) for k, v in record.headers if not k.startswith("x-error-")),
+        ("x-error-stage", failure.stage.value.encode()),
+        ("x-error-reason", failure.reason.encode()),
+        ("x-original-topic", record.topic.encode()),
+        ("x-original-partition", str(record.partition).encode()),
+        ("x-original-offset", str(record.offset).encode()),
+    ]
 
 
 def original_headers(headers: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """A dead letter's headers as the original record had them (for `notifier dlq replay`)."""
-    restored = []
-    for name, value in headers:
-        if name.startswith(BINARY_PREFIX):
-            restored.append((name.removeprefix(BINARY_PREFIX), base64.b64decode(value)))
-        elif not name.startswith(ADDED_PREFIXES):
-            restored.append((name, value))
-    return restored
-
-
-class Publisher(Protocol):
-    """What KafkaDeadLetters needs of a FastStream publisher (`broker.publisher(topic)`)."""
-
-    async def publish(
-        self, message: Any, /, *, key: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> Any: ...
+    return [(k, v) for k, v in headers if not k.startswith(ADDED_PREFIXES)]
 
 
 class KafkaDeadLetters:
-    """Publishes dead letters through the broker's FastStream publisher for the DLQ topic."""
+    """Publishes dead letters with the original key, value and headers plus the reason.
 
-    def __init__(self, publisher: Publisher) -> None:
-        self._publisher = publisher
+    Its own aiokafka producer rather than FastStream's publisher: the contract asks for the
+    original headers, and FastStream's publisher adds `content-type` and `correlation_id`
+    headers and can only carry header values that are UTF-8 text.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        self._bootstrap_servers = bootstrap_servers
+        self._topic = topic
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        # aiokafka binds a producer to the running loop, so it is made here, not earlier.
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap_servers, acks="all", enable_idempotence=True
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
 
     async def send(self, record: Record, failure: Failure) -> None:
+        if self._producer is None:
+            raise RuntimeError("dead-letter producer not started")
         headers = dead_letter_headers(record, failure)
         try:
             try:
-                await self._publisher.publish(record.value, key=record.key, headers=headers)
+                await self._producer.send_and_wait(
+                    self._topic, value=record.value, key=record.key, headers=headers
+                )
             except MessageSizeTooLargeError:
                 # Our headers pushed a value near the size limit over it: the reason and
                 # the coordinates matter more than the bytes, which the main topic keeps.
                 size = len(record.value or b"")
-                await self._publisher.publish(
-                    (record.value or b"")[:TRUNCATED_BYTES],
+                await self._producer.send_and_wait(
+                    self._topic,
+                    value=(record.value or b"")[:TRUNCATED_BYTES],
                     key=record.key,
-                    headers={**headers, "x-error-truncated": str(size)},
+                    headers=[*headers, ("x-error-truncated", str(size).encode())],
                 )
         except KafkaError as exc:
             # The record cannot be committed before its dead letter is stored: retry later.

@@ -34,9 +34,6 @@ def create_app(settings: Settings) -> AsgiFastStream:
         middlewares=[KafkaPrometheusMiddleware(registry=registry, app_name="notifier")],
         graceful_timeout=settings.graceful_timeout_seconds,
         client_id="ticket-notifier",
-        # The broker's producer carries the dead letters: none may be lost or doubled.
-        acks="all",
-        enable_idempotence=True,
         # FastStream's per-message "Received"/"Processed" lines go through our JSON
         # logging, at DEBUG: the dispatcher logs each outcome with its ids at INFO.
         logger=logging.getLogger("service.kafka"),
@@ -46,13 +43,14 @@ def create_app(settings: Settings) -> AsgiFastStream:
     metrics.pool_size.set(settings.smtp_pool_size)
     ledger = SqliteLedger.from_url(settings.ledger_url)
     builder = mail_builder(parts)
+    dead_letters = KafkaDeadLetters(settings.kafka_bootstrap_servers, settings.dlq_topic)
     dispatcher = Dispatcher(
         config=delivery_config(settings),
         directory=parts.directory,
         builder=builder,
         ledger=ledger,
         mailer=pool,
-        dead_letters=KafkaDeadLetters(broker.publisher(settings.dlq_topic)),
+        dead_letters=dead_letters,
         metrics=metrics,
     )
     subscriber = broker.subscriber(
@@ -92,6 +90,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
     async def start() -> None:
         await builder.start()
         await ledger.open()
+        await dead_letters.start()
         tasks.append(asyncio.create_task(watch_group()))
 
     async def stop_consuming() -> None:
@@ -101,6 +100,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         for task in tasks:
             task.cancel()
         await group.close()
+        await dead_letters.stop()
         await pool.close()
         await ledger.close()
         builder.close()

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=30.0, gt=0)
     retry_budget_seconds: float = Field(default=120.0, gt=0)
 
+    # Safety (contract section 10)
+    history_grace_minutes: float = Field(default=60.0, ge=0)
+    max_event_age_hours: float | None = Field(default=None, gt=0)
+    recipient_limit_per_hour: int = Field(default=30, ge=0)
+
     # Operations
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
