@@ -53,7 +53,7 @@ def _batch_timeout(ms: int) -> None:
 
 
 def _ledger_reads_on_loop() -> None:
-    from service.delivery.ledger import SqliteLedger
+    from service.delivery.ledger.sqlite import SqliteLedger
 
     original_open, original_sent, original_dead = (
         SqliteLedger.open,
@@ -64,16 +64,16 @@ def _ledger_reads_on_loop() -> None:
 
     async def open_(self: SqliteLedger) -> None:
         await original_open(self)
-        if self._path != ":memory:":
-            readers[id(self)] = sqlite3.connect(self._path, isolation_level=None)
+        if self._url.path != ":memory:":
+            readers[id(self)] = sqlite3.connect(self._url.path, isolation_level=None)
 
     async def sent(self: SqliteLedger, keys: Any) -> set[Any]:
         reader = readers.get(id(self))
         if reader is None or not keys:
             return await original_sent(self, keys)
         query = (
-            "SELECT 1 FROM notifications WHERE activity_id=? AND kind=? AND recipient=?"
-            " AND status='sent'"
+            "SELECT 1 FROM deliveries WHERE activity_id=? AND kind=? AND recipient=?"
+            " AND moment=? AND status='sent'"
         )
         return {key for key in keys if reader.execute(query, key).fetchone() is not None}
 

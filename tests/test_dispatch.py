@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from service.core.directory import Directory
 from service.core.mime import AddressError
 from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
-from service.delivery.ledger import SqliteLedger
+from service.delivery.ledger.sqlite import SqliteLedger
 from service.delivery.prepare import PreparePool, PreparerSpec
 from service.delivery.smtp import PermanentSmtpError, TransientSmtpError
 from service.runtime.metrics import Metrics

@@ -15,7 +15,7 @@ from service.core.directory import Directory
 from service.core.events import ActivityEvent, InvalidEvent, parse_event
 from service.core.message import message_id
 from service.core.routing import Notification, RoutingPolicy, RoutingResult, route
-from service.delivery.ledger import Entry, Key, Ledger, Where
+from service.delivery.ledger import DeadLetter, Entry, Key, Ledger, Status, Where
 from service.delivery.prepare import NotPrepared, Outcome, PreparePool, Preparer, WorkerLost
 from service.delivery.smtp import Mailer, PermanentSmtpError, TransientSmtpError
 from service.runtime.metrics import Metrics
@@ -96,6 +96,10 @@ def _where(record: Record) -> Where:
     return (record.topic, record.partition, record.offset)
 
 
+def _key(n: Notification) -> Key:
+    return Key(*n.key)
+
+
 class Dispatcher:
     """Validate → route → render → send → record → count, for each record of a batch."""
 
@@ -139,7 +143,7 @@ class Dispatcher:
         routed = {_where(r): self._route(r) for r in pending}
         sent = await self._ledger.sent(
             [
-                n.key
+                _key(n)
                 for item in routed.values()
                 if isinstance(item, Routed)
                 for n in item.result.notifications
@@ -190,7 +194,7 @@ class Dispatcher:
             for item in routed
             if isinstance(item, Routed)
             for n in item.result.notifications
-            if n.key not in batch.sent and not n.attachments
+            if _key(n) not in batch.sent and not n.attachments
         ]
         for chunk in self._pool.chunks(todo):
             task = asyncio.create_task(self._pool.prepare(chunk))
@@ -236,7 +240,7 @@ class Dispatcher:
             )
         todo = []
         for n in result.notifications:
-            if n.key in batch.sent:
+            if _key(n) in batch.sent:
                 self._metrics.notification(n.kind.value, "skipped_duplicate")
                 log.info(
                     "already sent",
@@ -301,8 +305,10 @@ class Dispatcher:
                     )
                     await self._backoff(attempt, batch.deadline)
                     attempt += 1
-        await self._ledger.record(Entry(n.key, "sent", msg_id))
-        batch.sent.add(n.key)
+        await self._ledger.record(
+            Entry(_key(n), Status.SENT, msg_id, ticket_id=n.ticket_id, event_id=event.id)
+        )
+        batch.sent.add(_key(n))
         self._metrics.notification(kind, "sent")
         self._metrics.delivered(event.time)
         log.info("sent", extra={**ids, "outcome": "sent", "message_id": msg_id})
@@ -334,7 +340,17 @@ class Dispatcher:
     async def _fail(
         self, n: Notification, msg_id: str, failure: Failure, ids: dict[str, str]
     ) -> Failure:
-        await self._ledger.record(Entry(n.key, "failed", msg_id))
+        await self._ledger.record(
+            Entry(
+                _key(n),
+                Status.FAILED,
+                msg_id,
+                ticket_id=n.ticket_id,
+                event_id=ids.get("event_id"),
+                stage=failure.stage,
+                reason=failure.reason,
+            )
+        )
         self._metrics.notification(n.kind.value, "failed_permanent")
         log.error(
             "permanent failure",
@@ -359,7 +375,12 @@ class Dispatcher:
         stage = failures[0].stage
         reason = "; ".join(f.reason for f in failures)[:900]
         await self._dead_letters.send(record, stage, reason)
-        await self._ledger.record_dead_letter(_where(record), stage)
+        ticket = record.key.decode("utf-8", "replace") if record.key else ids.get("ticket_id")
+        await self._ledger.record_dead_letter(
+            DeadLetter(
+                _where(record), stage, reason, ticket_id=ticket, event_id=ids.get("event_id")
+            )
+        )
         self._metrics.dead_letter(stage)
         log.error(
             "dead-lettered",

@@ -22,7 +22,12 @@ from service.core.render import Renderer, RenderError
 from service.core.routing import RoutingPolicy
 from service.delivery.attachments import DirectoryAttachmentStore
 from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
-from service.delivery.ledger import SqliteLedger
+from service.delivery.ledger import (
+    LedgerConfig,
+    LedgerUnavailable,
+    create_ledger,
+    open_when_reachable,
+)
 from service.delivery.prepare import PreparePool, Preparer, PreparerSpec
 from service.delivery.smtp import SmtpConfig, SmtpPool
 from service.runtime.metrics import Metrics
@@ -155,6 +160,14 @@ def preparer_spec(settings: Settings) -> PreparerSpec:
     )
 
 
+def ledger_config(settings: Settings) -> LedgerConfig:
+    return LedgerConfig(
+        migrate=settings.ledger_migrate,
+        sqlite_synchronous=settings.ledger_sqlite_synchronous,
+        pool_size=settings.ledger_pool_size,
+    )
+
+
 def routing_policy(settings: Settings) -> RoutingPolicy:
     return RoutingPolicy(
         suppliers_may_receive_personal_data=settings.suppliers_may_receive_personal_data
@@ -233,7 +246,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
     )
     pool = SmtpPool(smtp_config(settings), observer=metrics)
     metrics.pool_size.set(settings.smtp_pool_size)
-    ledger = SqliteLedger.from_url(settings.ledger_url)
+    ledger = create_ledger(settings.ledger_url.get_secret_value(), ledger_config(settings))
     dead_letters = KafkaDeadLetters(settings.kafka_bootstrap_servers, settings.dlq_topic)
     workers = PreparePool(parts.spec, settings.render_workers) if settings.render_workers else None
     dispatcher = Dispatcher(
@@ -268,7 +281,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         records = [record_of(raw) for raw in message.raw_message]
         try:
             await dispatcher.handle_batch(records)
-        except RetryLater:
+        except (RetryLater, LedgerUnavailable):
             # Rewind every partition of the batch; the ledger keeps what was sent.
             metrics.rewind("retry_later")
             await message.nack()
@@ -301,7 +314,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
     async def start() -> None:
         if workers is not None:
             await workers.start()
-        await ledger.open()
+        # Waits while the database is unreachable; a bad URL, password or schema stops here.
+        await open_when_reachable(ledger)
         await dead_letters.start()
         tasks.append(asyncio.create_task(report_lag()))
 
@@ -328,6 +342,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
             reasons.append("kafka unreachable")
         if not await pool.ping():
             reasons.append("smtp unreachable")
+        if not await ledger.ping():
+            reasons.append("ledger unreachable")
         if reasons:
             return AsgiResponse(("; ".join(reasons) + "\n").encode(), 503)
         return AsgiResponse(b"ready\n", 200)
