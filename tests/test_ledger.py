@@ -84,7 +84,9 @@ async def test_dead_letters_are_remembered_once(ledger: Ledger) -> None:
     assert [letter.where for letter in letters] == [("t", 1, 9), ("t", 0, 7)]
     first = letters[1]
     assert (first.stage, first.event_id) == ("render", "e1")
-    assert first.reason is not None and len(first.reason) == 200 and "\n" not in first.reason
+    assert first.reason is not None
+    assert len(first.reason) == 200
+    assert "\n" not in first.reason
 
 
 async def test_claim_rules(ledger: Ledger) -> None:
@@ -209,7 +211,8 @@ async def test_audit_reads_filter_and_order(ledger: Ledger) -> None:
         ("2", Status.UNRESOLVED),
         ("1", Status.SENT),
     ]
-    assert newest[1].message_id == "<1@x>" and newest[1].at >= since
+    assert newest[1].message_id == "<1@x>"
+    assert newest[1].at >= since
     assert [d.key for d in await ledger.deliveries(DeliveryQuery(status=Status.WITHHELD))] == [
         key(3)
     ]
