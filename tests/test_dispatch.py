@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from service.core.directory import Directory
 from service.core.mime import AddressError
 from service.delivery.dispatch import DeliveryConfig, Dispatcher, Record, RetryLater
+from service.delivery.ledger import Key
 from service.delivery.ledger.sqlite import SqliteLedger
 from service.delivery.prepare import PreparePool, PreparerSpec
 from service.delivery.smtp import PermanentSmtpError, TransientSmtpError
@@ -184,7 +185,7 @@ async def inline_rig(tmp_path: Path) -> AsyncIterator[Rig]:
 async def test_good_event_sends_one_mail_and_records_it(rig: Rig) -> None:
     await rig.dispatcher.handle_batch([record(event_bytes(activity()))])
     assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]
-    assert await rig.ledger.sent([("5001", "customer_content", CUSTOMER)])
+    assert await rig.ledger.sent([Key("5001", "customer_content", CUSTOMER)])
     assert rig.count("notifier_notifications_total", kind="customer_content", outcome="sent") == 1
     assert rig.dlq.sent == []
 
@@ -252,7 +253,7 @@ async def test_permanent_failure_spares_the_other_recipients(rig: Rig) -> None:
     assert stage == "smtp"
     assert "550" in reason
     assert "alice" not in reason
-    assert await rig.ledger.status(("5001", "staff", "alice@helpdesk.test")) is not None
+    assert await rig.ledger.status(Key("5001", "staff", "alice@helpdesk.test")) is not None
 
 
 async def test_transient_failures_are_retried(rig: Rig) -> None:
@@ -267,7 +268,7 @@ async def test_outage_beyond_the_budget_asks_for_a_rewind(make_rig: MakeRig) -> 
     r.mailer.always_transient = True
     with pytest.raises(RetryLater):
         await r.dispatcher.handle_batch([record(event_bytes(activity()))])
-    assert not await r.ledger.sent([("5001", "customer_content", CUSTOMER)])
+    assert not await r.ledger.sent([Key("5001", "customer_content", CUSTOMER)])
     r.mailer.always_transient = False
     await r.dispatcher.handle_batch([record(event_bytes(activity()))])
     assert len(r.mailer.accepted) == 1

@@ -113,7 +113,9 @@ def test_a_bad_ledger_url_is_one_line_without_the_password(url: str, why: str) -
     assert "s3cret" not in message
 
 
-def test_ledger_defaults_favour_durability() -> None:
+def test_ledger_defaults_favour_durability(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MIGRATE", "RETENTION_DAYS", "SQLITE_SYNCHRONOUS"):
+        monkeypatch.delenv(f"NOTIFY_LEDGER_{name}", raising=False)
     settings = load_settings()
     assert settings.ledger_sqlite_synchronous == "full"
     assert settings.ledger_migrate is True
