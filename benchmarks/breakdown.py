@@ -27,7 +27,8 @@ from service.core.message import build_message, message_id
 from service.core.render import Renderer
 from service.core.routing import Notification, RoutingPolicy, route
 from service.delivery.attachments import DirectoryAttachmentStore
-from service.delivery.ledger import Entry, SqliteLedger
+from service.delivery.ledger import Entry, Key, Status
+from service.delivery.ledger.sqlite import SqliteLedger
 from service.runtime.logs import JsonFormatter
 from service.runtime.metrics import Metrics
 from service.runtime.settings import default_templates_dir
@@ -161,7 +162,7 @@ async def _ledger_cost(path: Path, notes: list[Notification], events: int) -> fl
 
         async def record(n: Notification) -> None:
             async with sem:
-                await ledger.record(Entry(n.key, "sent", "<x@y>"))
+                await ledger.record(Entry(Key(*n.key), Status.SENT, "<x@y>"))
 
         # As the dispatcher does: two look-ups per batch of 500 records, a write per mail.
         batch = 500 * per_event
@@ -170,7 +171,7 @@ async def _ledger_cost(path: Path, notes: list[Notification], events: int) -> fl
             await ledger.dead_lettered(
                 [("t", 0, i) for i in range(first, first + batch, per_event)]
             )
-            await ledger.sent([n.key for n in chunk])
+            await ledger.sent([Key(*n.key) for n in chunk])
             await asyncio.gather(*(record(n) for n in chunk))
         return time.process_time() - started  # both threads: process_time counts them all
     finally:

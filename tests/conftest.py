@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from devkit.devstack import KafkaNode
+from devkit.postgres import PostgresCluster, create_database, drop_database
 from tests.support import SmtpRecorder, create_topics, unique_topic
 
 BOOTSTRAP_ENV = "NOTIFY_TEST_KAFKA_BOOTSTRAP"
+POSTGRES_ENV = "NOTIFY_TEST_POSTGRES_URL"
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +62,37 @@ def smtp_server() -> Iterator[SmtpRecorder]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """The session's own PostgreSQL (Debian's binaries), for tests that stop or restart it."""
+    if os.environ.get(POSTGRES_ENV):
+        pytest.fail(f"this test controls the database server itself: unset {POSTGRES_ENV}")
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(request: pytest.FixtureRequest) -> str:
+    """URL of a server where tests may create databases: $NOTIFY_TEST_POSTGRES_URL, else
+    the session's own cluster."""
+    if external := os.environ.get(POSTGRES_ENV):
+        return external
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.url()
+
+
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest, postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database of its own for this test, dropped afterwards."""
+    if not os.environ.get(POSTGRES_ENV):
+        # A fault test that failed half-way may have left the server down: don't fail the rest.
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        if not cluster.running:
+            cluster.start()
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield create_database(postgres_server, name)
+    drop_database(postgres_server, name)

@@ -21,7 +21,8 @@ from service.core.mime import AddressError
 from service.delivery.build import InlineBuilder, MailBuilder, MailSpec
 from service.delivery.dead_letters import Record, RetryLater
 from service.delivery.dispatch import DeliveryConfig, Dispatcher
-from service.delivery.ledger import SqliteLedger
+from service.delivery.ledger import Key
+from service.delivery.ledger.sqlite import SqliteLedger
 from service.delivery.smtp import PermanentSmtpError, TransientSmtpError
 from service.delivery.workers import PooledBuilder
 from service.runtime.metrics import Metrics
@@ -188,7 +189,7 @@ async def inline_rig(tmp_path: Path) -> AsyncIterator[Rig]:
 async def test_good_event_sends_one_mail_and_records_it(rig: Rig) -> None:
     await rig.dispatcher.handle_batch([record(event_bytes(activity()))])
     assert [to for to, _ in rig.mailer.accepted] == [CUSTOMER]
-    assert await rig.ledger.sent([("5001", "customer_content", CUSTOMER)])
+    assert await rig.ledger.sent([Key("5001", "customer_content", CUSTOMER)])
     assert rig.count("notifier_notifications_total", kind="customer_content", outcome="sent") == 1
     assert rig.dlq.sent == []
 
@@ -256,7 +257,7 @@ async def test_permanent_failure_spares_the_other_recipients(rig: Rig) -> None:
     assert stage == "smtp"
     assert "550" in reason
     assert "alice" not in reason
-    assert await rig.ledger.status(("5001", "staff", "alice@helpdesk.test")) is not None
+    assert await rig.ledger.status(Key("5001", "staff", "alice@helpdesk.test")) is not None
 
 
 async def test_transient_failures_are_retried(rig: Rig) -> None:
@@ -271,7 +272,7 @@ async def test_outage_beyond_the_budget_asks_for_a_rewind(make_rig: MakeRig) -> 
     r.mailer.always_transient = True
     with pytest.raises(RetryLater):
         await r.dispatcher.handle_batch([record(event_bytes(activity()))])
-    assert not await r.ledger.sent([("5001", "customer_content", CUSTOMER)])
+    assert not await r.ledger.sent([Key("5001", "customer_content", CUSTOMER)])
     r.mailer.always_transient = False
     await r.dispatcher.handle_batch([record(event_bytes(activity()))])
     assert len(r.mailer.accepted) == 1

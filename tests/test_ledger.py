@@ -1,64 +1,253 @@
-"""The SQLite ledger: durable, keyed by (activity, kind, recipient), sent beats failed."""
+"""The ledger on both backends: outcomes, group commit, claims, limits, audit reads, pruning."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
-from service.delivery.ledger import Entry, SqliteLedger
+import pytest
+
+from service.delivery.ledger import (
+    Claim,
+    ClaimRequest,
+    DeadLetter,
+    DeliveryQuery,
+    Entry,
+    Key,
+    Ledger,
+    Status,
+)
+from tests.ledger_support import BACKENDS, backend_url, key, opened, run_sql
 
 
-async def open_ledger(path: Path) -> SqliteLedger:
-    ledger = SqliteLedger(path)
-    await ledger.open()
-    return ledger
+@pytest.fixture(params=BACKENDS)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return backend_url(request, tmp_path)
 
 
-async def test_records_survive_reopening(tmp_path: Path) -> None:
-    db = tmp_path / "ledger.sqlite3"
-    ledger = await open_ledger(db)
-    key = ("5001", "customer_content", "dana@customer.test")
-    await ledger.record(Entry(key, "sent", "<a@x>"))
-    await ledger.close()
-
-    reopened = await open_ledger(db)
-    other = ("5001", "staff", "dana@customer.test")
-    assert await reopened.sent([key, other]) == {key}
-    assert await reopened.status(key) == ("sent", "<a@x>")
-    await reopened.close()
+@pytest.fixture
+async def ledger(url: str) -> Ledger:
+    opened_ledger = await opened(url)
+    yield opened_ledger  # type: ignore[misc]
+    await opened_ledger.close()
 
 
-async def test_failed_is_not_sent_and_never_overwrites_sent(tmp_path: Path) -> None:
-    ledger = await open_ledger(tmp_path / "l.db")
-    failed = ("1", "supplier", "orders@acme.test")
-    await ledger.record(Entry(failed, "failed", "<f@x>"))
-    assert await ledger.sent([failed]) == set()
-    await ledger.record(Entry(failed, "sent", "<f@x>"))
-    assert await ledger.sent([failed]) == {failed}
-    await ledger.record(Entry(failed, "failed", "<f@x>"))
-    assert await ledger.status(failed) == ("sent", "<f@x>")
-    await ledger.close()
+def requests(keys: list[Key], **kw: object) -> list[ClaimRequest]:
+    return [ClaimRequest(k, ticket_id="1042", event_id="e1", **kw) for k in keys]  # type: ignore[arg-type]
 
 
-async def test_concurrent_records_are_all_kept(tmp_path: Path) -> None:
-    ledger = await open_ledger(tmp_path / "l.db")
-    keys = [(str(i), "staff", f"u{i}@x.test") for i in range(500)]
-    await asyncio.gather(*(ledger.record(Entry(k, "sent", f"<{k[0]}@x>")) for k in keys))
+async def test_records_survive_reopening(url: str) -> None:
+    first = await opened(url)
+    sent = key(1)
+    await first.record(Entry(sent, Status.SENT, "<a@x>", ticket_id="1042", event_id="e1"))
+    await first.close()
+    again = await opened(url)
+    assert await again.sent([sent, key(2)]) == {sent}
+    await again.close()
+
+
+async def test_sent_is_never_overwritten_and_a_later_sent_wins(ledger: Ledger) -> None:
+    k = key(1, kind="supplier")
+    await ledger.record(Entry(k, Status.FAILED, "<f@x>", stage="smtp", reason="550"))
+    assert await ledger.sent([k]) == set()
+    await ledger.record(Entry(k, Status.SENT, "<f@x>"))
+    await ledger.record(Entry(k, Status.FAILED, "<f@x>", reason="late"))
+    (row,) = await ledger.deliveries(DeliveryQuery(activity="1"))
+    assert (row.status, row.reason) == (Status.SENT, None)
+
+
+async def test_concurrent_records_share_transactions(ledger: Ledger) -> None:
+    commits = ledger._commits  # type: ignore[attr-defined]
+    write, calls = commits._write, []
+
+    async def counting(items: list[object]) -> None:
+        calls.append(len(items))
+        await write(items)
+
+    commits._write = counting
+    keys = [key(i, f"u{i}@x.test") for i in range(300)]
+    await asyncio.gather(*(ledger.record(Entry(k, Status.SENT, f"<{k[0]}@x>")) for k in keys))
     assert await ledger.sent(keys) == set(keys)
-    await ledger.close()
+    assert sum(calls) == 300
+    assert len(calls) < 30, calls  # coalesced: far fewer transactions than records
 
 
-async def test_dead_letters_are_remembered(tmp_path: Path) -> None:
-    ledger = await open_ledger(tmp_path / "l.db")
+async def test_dead_letters_are_remembered_once(ledger: Ledger) -> None:
     assert await ledger.dead_lettered([("t", 0, 7)]) == set()
-    await ledger.record_dead_letter(("t", 0, 7), "decode")
-    await ledger.record_dead_letter(("t", 0, 7), "decode")
+    reason = "render: " + "x" * 300 + "\nsecond line"
+    await ledger.record_dead_letter(DeadLetter(("t", 0, 7), "render", reason, "1042", "e1"))
+    await ledger.record_dead_letter(DeadLetter(("t", 0, 7), "decode", "again", "1042", "e2"))
+    await ledger.record_dead_letter(DeadLetter(("t", 1, 9), "decode", None, "1042", "e3"))
     assert await ledger.dead_lettered([("t", 0, 7), ("t", 1, 7)]) == {("t", 0, 7)}
-    await ledger.close()
+    letters = await ledger.dead_letters_of("1042")
+    assert [letter.where for letter in letters] == [("t", 1, 9), ("t", 0, 7)]
+    first = letters[1]
+    assert (first.stage, first.event_id) == ("render", "e1")
+    assert first.reason is not None
+    assert len(first.reason) == 200
+    assert "\n" not in first.reason
 
 
-def test_url_forms(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "ledger.sqlite3"
-    SqliteLedger.from_url(f"sqlite:///{target}")
-    assert target.parent.is_dir()
-    assert SqliteLedger.from_url("memory://")._path == ":memory:"
+async def test_claim_rules(ledger: Ledger) -> None:
+    fresh, sent, failed, throttled = key(1), key(2), key(3), key(4)
+    await ledger.record(Entry(sent, Status.SENT, "<s@x>"))
+    await ledger.record(Entry(failed, Status.FAILED, "<f@x>"))
+    await ledger.record(Entry(throttled, Status.THROTTLED, None))
+    got = await ledger.claim(requests([fresh, sent, failed, throttled]), "A", 30, 0)
+    assert got == {fresh: Claim.WON, sent: Claim.SENT, failed: Claim.WON, throttled: Claim.WON}
+    # Another owner is held off while A's lease runs; A itself may claim again.
+    assert await ledger.claim(requests([fresh, failed]), "B", 30, 0) == {
+        fresh: Claim.HELD,
+        failed: Claim.HELD,
+    }
+    assert await ledger.claim(requests([fresh]), "A", 30, 0) == {fresh: Claim.WON}
+    await ledger.record(Entry(fresh, Status.SENT, "<n@x>"))
+    assert await ledger.claim(requests([fresh]), "B", 30, 0) == {fresh: Claim.SENT}
+    (row,) = await ledger.deliveries(DeliveryQuery(activity="3"))
+    assert (row.status, row.ticket_id, row.event_id) == (Status.CLAIMED, "1042", "e1")
+
+
+async def test_an_expired_lease_lets_another_owner_take_over(ledger: Ledger) -> None:
+    k = key(1)
+    assert await ledger.claim(requests([k]), "A", 0.4, 0) == {k: Claim.WON}
+    assert await ledger.claim(requests([k]), "B", 30, 0) == {k: Claim.HELD}
+    await asyncio.sleep(0.6)
+    assert await ledger.claim(requests([k]), "B", 30, 0) == {k: Claim.WON}
+    assert await ledger.claim(requests([k]), "A", 30, 0) == {k: Claim.HELD}
+
+
+async def test_two_owners_racing_never_both_win(url: str) -> None:
+    a, b = await opened(url), await opened(url)
+    keys = [key(i, f"r{i % 7}@x.test") for i in range(120)]
+    try:
+        for _ in range(3):
+            results = await asyncio.gather(
+                *(a.claim(requests(keys[i : i + 10]), "A", 30, 0) for i in range(0, 120, 10)),
+                *(b.claim(requests(keys[i : i + 10]), "B", 30, 0) for i in range(0, 120, 10)),
+            )
+            won: dict[Key, int] = {}
+            for owner, result in zip("A" * 12 + "B" * 12, results, strict=True):
+                for k, outcome in result.items():
+                    if outcome is Claim.WON:
+                        won[k] = won.get(k, 0) + 1
+                        assert owner in "AB"
+            assert won == dict.fromkeys(keys, 1)
+            keys = [Key(k.activity_id + "x", k.kind, k.recipient) for k in keys]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_recipient_limit_holds_across_instances(url: str) -> None:
+    a, b = await opened(url), await opened(url)
+    try:
+        one = "flooded@customer.test"
+        keys = [key(i, one) for i in range(40)]
+        results = await asyncio.gather(
+            *(
+                (a if i % 2 else b).claim(requests(keys[i : i + 4]), f"owner{i % 2}", 30, 5)
+                for i in range(0, 40, 4)
+            )
+        )
+        outcomes = [o for result in results for o in result.values()]
+        assert outcomes.count(Claim.WON) == 5
+        assert outcomes.count(Claim.THROTTLED) == 35
+        # Another recipient is not affected.
+        other = key(99, "calm@customer.test")
+        assert await a.claim(requests([other]), "owner0", 30, 5) == {other: Claim.WON}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_released_throttled_mail_is_not_throttled_again(ledger: Ledger) -> None:
+    r = "busy@customer.test"
+    first = [key(i, r) for i in range(3)]
+    assert set((await ledger.claim(requests(first), "A", 30, 3)).values()) == {Claim.WON}
+    late = key(10, r)
+    assert await ledger.claim(requests([late]), "A", 30, 3) == {late: Claim.THROTTLED}
+    await ledger.record(Entry(late, Status.THROTTLED, None, stage="throttled"))
+    # Still over the limit: only a replay's request (bypass_limit) goes through.
+    assert await ledger.claim(requests([late]), "A", 30, 3) == {late: Claim.THROTTLED}
+    replay = requests([late], bypass_limit=True)
+    assert await ledger.claim(replay, "A", 30, 3) == {late: Claim.WON}
+    # A bypass does not help a mail that was never throttled.
+    never = key(11, r)
+    assert await ledger.claim(requests([never], bypass_limit=True), "A", 30, 3) == {
+        never: Claim.THROTTLED
+    }
+    # Released without a send, it goes back to `throttled`, still releasable.
+    await ledger.release([late], "A")
+    assert await ledger.claim(replay, "A", 30, 3) == {late: Claim.WON}
+
+
+async def test_release_frees_the_slot_and_restores_the_row(ledger: Ledger) -> None:
+    r = "one@customer.test"
+    fresh, failed = key(1, r), key(2, r)
+    await ledger.record(Entry(failed, Status.FAILED, "<f@x>", reason="550"))
+    assert await ledger.claim(requests([fresh, failed]), "A", 30, 2) == {
+        fresh: Claim.WON,
+        failed: Claim.WON,
+    }
+    await ledger.release([fresh, failed], "B")  # not B's claims: nothing happens
+    assert await ledger.claim(requests([key(3, r)]), "A", 30, 2) == {key(3, r): Claim.THROTTLED}
+    await ledger.release([fresh, failed], "A")
+    rows = await ledger.deliveries(DeliveryQuery(recipient=r))
+    assert [(row.key, row.status, row.reason) for row in rows] == [(failed, Status.FAILED, "550")]
+    got = await ledger.claim(requests([key(3, r)]), "B", 30, 2)
+    assert got == {key(3, r): Claim.WON}
+
+
+async def test_audit_reads_filter_and_order(ledger: Ledger) -> None:
+    since = time.time() - 1
+    await ledger.record(Entry(key(1), Status.SENT, "<1@x>", ticket_id="1042", event_id="e1"))
+    await ledger.record(
+        Entry(key(2, "tok"), Status.UNRESOLVED, None, ticket_id="1042", reason="unknown token")
+    )
+    await ledger.record(Entry(key(3), Status.WITHHELD, None, ticket_id="7", reason="pd"))
+    newest = await ledger.deliveries(DeliveryQuery(ticket="1042"))
+    assert [(d.key.activity_id, d.status) for d in newest] == [
+        ("2", Status.UNRESOLVED),
+        ("1", Status.SENT),
+    ]
+    assert newest[1].message_id == "<1@x>"
+    assert newest[1].at >= since
+    assert [d.key for d in await ledger.deliveries(DeliveryQuery(status=Status.WITHHELD))] == [
+        key(3)
+    ]
+    assert len(await ledger.deliveries(DeliveryQuery(limit=2))) == 2
+    assert await ledger.deliveries(DeliveryQuery(since=time.time() + 60)) == []
+    await ledger.record_ticket("1042", "T-1042")
+    await ledger.record_ticket("1043", "T-1042")
+    assert await ledger.tickets_by_reference("T-1042") == ["1042", "1043"]
+    assert await ledger.tickets_by_reference("T-9") == []
+
+
+async def test_first_start_is_stored_once_across_instances(url: str) -> None:
+    a, b = await opened(url), await opened(url)
+    try:
+        got = await asyncio.gather(*(x.first_start("g", t) for x, t in ((a, 100.0), (b, 200.0))))
+        assert got[0] == got[1] in (100.0, 200.0)
+        assert await a.first_start("g", 300.0) == got[0]
+        assert await a.first_start("other", 300.0) == 300.0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_prune_deletes_old_rows_in_batches(url: str, ledger: Ledger) -> None:
+    for i in range(7):
+        await ledger.record(Entry(key(i), Status.SENT, f"<{i}@x>"))
+        await ledger.record_dead_letter(DeadLetter(("t", 0, i), "decode"))
+    for state in ("scheduled", "done", "cancelled"):
+        run_sql(
+            url,
+            "INSERT INTO reminders (activity_id, kind, moment, state, updated_at)"
+            " VALUES (?, 'action_reminder', 0, ?, 0)",
+            (state, state),
+        )
+    assert await ledger.prune(time.time() - 3600, batch_size=3) == 2  # only old reminders
+    assert await ledger.prune(time.time() + 1, batch_size=3) == 14
+    assert await ledger.sent([key(i) for i in range(7)]) == set()
+    assert run_sql(url, "SELECT state FROM reminders") == [("scheduled",)]

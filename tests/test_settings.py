@@ -75,8 +75,52 @@ def test_retry_budget_must_fit_the_poll_interval() -> None:
 
 
 def test_ledger_url_scheme_is_checked() -> None:
-    with pytest.raises(SettingsError, match="NOTIFY_LEDGER_URL"):
-        load_settings(ledger_url="postgres://db/ledger")
+    with pytest.raises(SettingsError, match="NOTIFY_LEDGER_URL: unknown scheme 'mysql'"):
+        load_settings(ledger_url="mysql://db/ledger")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///var/ledger.sqlite3",
+        "memory://",
+        "postgresql://notifier:s3cret@db.internal:5432/ledger",
+        "postgres://notifier:s3cret@db.internal/ledger?sslmode=require",
+    ],
+)
+def test_ledger_url_forms(url: str) -> None:
+    settings = load_settings(ledger_url=url)
+    assert settings.ledger_url.get_secret_value() == url
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("postgresql://notifier:s3cret@db:54x2/ledger", "malformed PostgreSQL URL"),
+        ("postgresql://notifier:s3cret@db/ledger?nonsense=1", "unknown connection option"),
+        ("postgresql://notifier:s3cret@db/led/ger", "database name"),
+        ("sqlite://relative.db", "three slashes"),
+    ],
+)
+def test_a_bad_ledger_url_is_one_line_without_the_password(url: str, why: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(ledger_url=url)
+    message = str(caught.value)
+    assert message.startswith("NOTIFY_LEDGER_URL: ")
+    assert why in message
+    assert "\n" not in message
+    assert "s3cret" not in message
+
+
+def test_ledger_defaults_favour_durability(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MIGRATE", "RETENTION_DAYS", "SQLITE_SYNCHRONOUS"):
+        monkeypatch.delenv(f"NOTIFY_LEDGER_{name}", raising=False)
+    settings = load_settings()
+    assert settings.ledger_sqlite_synchronous == "full"
+    assert settings.ledger_migrate is True
+    assert settings.ledger_retention_days == 30
+    assert load_settings(ledger_sqlite_synchronous="NORMAL").ledger_sqlite_synchronous == "normal"
 
 
 def test_settings_are_frozen() -> None:

@@ -1,4 +1,4 @@
-"""The `notifier` command: run, preview, dlq replay, publish, bridge, dev."""
+"""The `notifier` command: run, preview, dlq replay, db, publish, bridge, dev."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"notifier: bad setting: {exc}", file=sys.stderr)
         return 2
+    from service.cli.db import check_ledger
+
+    if failed := check_ledger(settings):  # a bad ledger URL, password or schema: one line
+        return failed
     asyncio.run(
         app.run(
             log_level=20,
@@ -122,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true", help="count, send nothing, commit nothing")
     rep.set_defaults(func=cmd_dlq_replay)
 
+    from service.cli.db import add_db_commands
     from service.cli.producer import add_producer_commands
 
     add_producer_commands(sub)
+    add_db_commands(sub)
 
     spec = sub.add_parser("asyncapi", help="print the AsyncAPI document of the topics")
     spec.add_argument("--out", help="write it to this file (docs/asyncapi.yaml)")

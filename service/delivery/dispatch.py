@@ -17,7 +17,7 @@ from service.core.message import message_id
 from service.core.routing import Notification, RoutingPolicy, RoutingResult, route
 from service.delivery.build import MailBatch, MailBuilder, NotBuilt, Outcome
 from service.delivery.dead_letters import DeadLetterSink, Record, RetryLater
-from service.delivery.ledger import Entry, Key, Ledger
+from service.delivery.ledger import DeadLetter, Entry, Key, Ledger, Status
 from service.delivery.smtp import Mailer, PermanentSmtpError, TransientSmtpError
 from service.delivery.workers import WorkerLost
 from service.runtime.metrics import Metrics
@@ -61,6 +61,10 @@ class Routed:
     ids: dict[str, str]
 
 
+def _key(n: Notification) -> Key:
+    return Key(*n.key)
+
+
 class Dispatcher:
     """Validate → route → render → send → record → count, for each record of a batch."""
 
@@ -102,7 +106,7 @@ class Dispatcher:
         routed = {r.where: self._route(r) for r in pending}
         sent = await self._ledger.sent(
             [
-                n.key
+                _key(n)
                 for item in routed.values()
                 if isinstance(item, Routed)
                 for n in item.result.notifications
@@ -116,7 +120,7 @@ class Dispatcher:
             for item in routed.values()
             if isinstance(item, Routed)
             for n in item.result.notifications
-            if n.key not in sent
+            if _key(n) not in sent
         ]
         batch = _Batch(
             sent, time.monotonic() + self._config.retry_budget, self._builder.batch(unsent)
@@ -182,7 +186,7 @@ class Dispatcher:
             )
         todo = []
         for n in result.notifications:
-            if n.key in batch.sent:
+            if _key(n) in batch.sent:
                 self._metrics.notification(n.kind.value, "skipped_duplicate")
                 log.info(
                     "already sent",
@@ -249,8 +253,10 @@ class Dispatcher:
                     )
                     await self._backoff(attempt, batch.deadline)
                     attempt += 1
-        await self._ledger.record(Entry(n.key, "sent", msg_id))
-        batch.sent.add(n.key)
+        await self._ledger.record(
+            Entry(_key(n), Status.SENT, msg_id, ticket_id=n.ticket_id, event_id=event.id)
+        )
+        batch.sent.add(_key(n))
         self._metrics.notification(kind, "sent")
         self._metrics.delivered(event.time)
         log.info("sent", extra={**ids, "outcome": "sent", "message_id": msg_id})
@@ -277,7 +283,17 @@ class Dispatcher:
     async def _fail(
         self, n: Notification, msg_id: str, failure: Failure, ids: dict[str, str]
     ) -> Failure:
-        await self._ledger.record(Entry(n.key, "failed", msg_id))
+        await self._ledger.record(
+            Entry(
+                _key(n),
+                Status.FAILED,
+                msg_id,
+                ticket_id=n.ticket_id,
+                event_id=ids.get("event_id"),
+                stage=failure.stage,
+                reason=failure.reason,
+            )
+        )
         self._metrics.notification(n.kind.value, "failed_permanent")
         log.error(
             "permanent failure",
@@ -301,7 +317,10 @@ class Dispatcher:
         stage = failures[0].stage
         reason = "; ".join(f.reason for f in failures)[:900]
         await self._dead_letters.send(record, Failure(stage, reason))
-        await self._ledger.record_dead_letter(record.where, stage)
+        ticket = record.key.decode("utf-8", "replace") if record.key else ids.get("ticket_id")
+        await self._ledger.record_dead_letter(
+            DeadLetter(record.where, stage, reason, ticket_id=ticket, event_id=ids.get("event_id"))
+        )
         self._metrics.dead_letter(stage)
         log.error(
             "dead-lettered",

@@ -15,11 +15,17 @@ from prometheus_client import make_asgi_app
 
 from service.delivery.dead_letters import KafkaDeadLetters
 from service.delivery.dispatch import Dispatcher
-from service.delivery.ledger import SqliteLedger
+from service.delivery.ledger import create_ledger, open_when_reachable
 from service.delivery.smtp import SmtpPool
 from service.runtime.consumer import BatchConsumer
 from service.runtime.group import GroupWatch
-from service.runtime.parts import build_parts, delivery_config, mail_builder, smtp_config
+from service.runtime.parts import (
+    build_parts,
+    delivery_config,
+    ledger_config,
+    mail_builder,
+    smtp_config,
+)
 from service.runtime.settings import Settings
 
 log = logging.getLogger("service.runtime.app")
@@ -41,7 +47,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
     )
     pool = SmtpPool(smtp_config(settings), observer=metrics)
     metrics.pool_size.set(settings.smtp_pool_size)
-    ledger = SqliteLedger.from_url(settings.ledger_url)
+    ledger = create_ledger(settings.ledger_url.get_secret_value(), ledger_config(settings))
     builder = mail_builder(parts)
     dead_letters = KafkaDeadLetters(settings.kafka_bootstrap_servers, settings.dlq_topic)
     dispatcher = Dispatcher(
@@ -71,7 +77,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
     group = GroupWatch(
         settings.kafka_bootstrap_servers,
         settings.group_id,
-        shared_ledger=settings.ledger_is_shared,
+        shared_ledger=ledger.shared,
         metrics=metrics,
     )
 
@@ -89,7 +95,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
 
     async def start() -> None:
         await builder.start()
-        await ledger.open()
+        # Waits while the database is unreachable; a bad URL, password or schema stops here.
+        await open_when_reachable(ledger)
         await dead_letters.start()
         tasks.append(asyncio.create_task(watch_group()))
 
@@ -116,6 +123,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
             reasons.append("kafka unreachable")
         if not await pool.ping():
             reasons.append("smtp unreachable")
+        if not await ledger.ping():
+            reasons.append("ledger unreachable")
         if group.unsafe:
             reasons.append(f"sqlite ledger shared by {group.members} instances of the group")
         if reasons:

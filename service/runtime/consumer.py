@@ -23,6 +23,7 @@ from faststream.kafka.subscriber.usecase import BatchSubscriber
 
 from service.delivery.dead_letters import Record, RetryLater
 from service.delivery.dispatch import Dispatcher
+from service.delivery.ledger import LedgerUnavailable
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger("service.runtime.consumer")
@@ -77,7 +78,7 @@ class BatchConsumer:
         records = [record_of(r) for r in raw]
         try:
             await self._dispatcher.handle_batch(records)
-        except RetryLater:
+        except (RetryLater, LedgerUnavailable):
             # Rewind every partition of the batch; the ledger keeps what was sent.
             self._metrics.rewind("retry_later")
             self._rewind(records)

@@ -11,6 +11,7 @@ from service.core.render import Renderer, RenderError
 from service.core.routing import RoutingPolicy
 from service.delivery.build import InlineBuilder, MailBuilder, MailFactory, MailSpec
 from service.delivery.dispatch import DeliveryConfig
+from service.delivery.ledger import LedgerConfig
 from service.delivery.smtp import SmtpConfig
 from service.delivery.workers import PooledBuilder
 from service.runtime.metrics import Metrics
@@ -72,6 +73,14 @@ def mail_spec(settings: Settings) -> MailSpec:
         sender=settings.mail_from,
         reply_to=settings.reply_to,
         domain=settings.mail_domain,
+    )
+
+
+def ledger_config(settings: Settings) -> LedgerConfig:
+    return LedgerConfig(
+        migrate=settings.ledger_migrate,
+        sqlite_synchronous=settings.ledger_sqlite_synchronous,
+        pool_size=settings.ledger_pool_size,
     )
 
 

@@ -12,6 +12,9 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.delivery.ledger.errors import LedgerConfigError
+from service.delivery.ledger.url import parse_ledger_url
+
 ENV_PREFIX = "NOTIFY_"
 S = TypeVar("S", bound=BaseSettings)
 
@@ -66,7 +69,12 @@ class Settings(BaseSettings):
     directory_file: Path | None = None
     attachments_dir: Path = Path("attachments")
     templates_dir: Path = Field(default_factory=default_templates_dir)
-    ledger_url: str = "sqlite:///var/ledger.sqlite3"
+    # Secret: a PostgreSQL URL carries the password (see service.delivery.ledger.url).
+    ledger_url: SecretStr = SecretStr("sqlite:///var/ledger.sqlite3")
+    ledger_migrate: bool = True
+    ledger_retention_days: float = Field(default=30.0, gt=0)
+    ledger_pool_size: int = Field(default=10, ge=1, le=100)
+    ledger_sqlite_synchronous: Literal["full", "normal"] = "full"
     max_attachment_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_mail_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
     attachment_wait_seconds: float = Field(default=300.0, ge=0)
@@ -114,6 +122,21 @@ class Settings(BaseSettings):
             raise ValueError(f"not a host name: {value!r}")
         return value
 
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            parse_ledger_url(value.get_secret_value())
+        except LedgerConfigError as exc:
+            # The message names the part at fault, never the password.
+            raise ValueError(str(exc).removeprefix("NOTIFY_LEDGER_URL: ")) from None
+        return value
+
+    @field_validator("ledger_sqlite_synchronous", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -127,14 +150,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "NOTIFY_RETRY_BUDGET_SECONDS must stay below 80% of NOTIFY_MAX_POLL_INTERVAL_MS"
             )
-        if self.ledger_url.split("://", 1)[0] not in {"sqlite", "memory"}:
-            raise ValueError("NOTIFY_LEDGER_URL: only sqlite:///PATH and memory:// are supported")
         return self
-
-    @property
-    def ledger_is_shared(self) -> bool:
-        """Whether every instance of the group can see this ledger (PostgreSQL)."""
-        return self.ledger_url.split("://", 1)[0] in {"postgresql", "postgres"}
 
     @property
     def envelope_from(self) -> str:

@@ -542,7 +542,7 @@ def ledger_sent_ids(path: Path) -> set[str]:
         return set()
     conn = sqlite3.connect(path, timeout=10)
     try:
-        rows = conn.execute("SELECT message_id FROM notifications WHERE status='sent'")
+        rows = conn.execute("SELECT message_id FROM deliveries WHERE status='sent'")
         return {str(r[0]) for r in rows}
     except sqlite3.OperationalError:  # killed before the schema was written
         return set()
