@@ -176,7 +176,11 @@ def clean_reason(reason: str) -> str:
 def parse_event(
     value: bytes | None, headers: Mapping[str, bytes | str], *, max_bytes: int = MAX_EVENT_BYTES
 ) -> ActivityEvent:
-    """Parse one Kafka message (structured or binary CloudEvents mode); raise InvalidEvent."""
+    """Parse one Kafka message (structured or binary CloudEvents mode); raise InvalidEvent.
+
+    Structured events may carry their data in `data` or `data_base64`; only JSON data
+    (by `datacontenttype`, absent meaning JSON) is served.
+    """
     try:
         return _parse(value, headers, max_bytes)
     except InvalidEvent:
