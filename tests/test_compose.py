@@ -87,3 +87,20 @@ def test_mounted_files_exist(compose: dict[str, Any]) -> None:
     for name in ("NOTIFY_DIRECTORY_FILE", "NOTIFY_ATTACHMENTS_DIR", "NOTIFY_TEMPLATES_DIR"):
         assert env[name].startswith("/app/")
         assert (ROOT / env[name].removeprefix("/app/")).exists(), name
+
+
+def test_every_image_is_pinned_to_a_version(compose: dict[str, Any]) -> None:
+    # `latest` (or no tag, which means latest) changes under a running setup without notice.
+    images = {
+        name: str(service["image"])
+        for name, service in compose["services"].items()
+        if "image" in service
+    }
+    assert {"kafka", "mailpit", "prometheus", "grafana"} <= set(images)
+    for name, image in images.items():
+        repository, _, tag = image.rpartition(":")
+        assert repository, f"{name}: {image} has no tag"
+        assert "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image}"
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not a version"
+    assert images["mailpit"].startswith("axllent/mailpit:v")

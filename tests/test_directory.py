@@ -78,6 +78,21 @@ def test_a_token_that_is_an_email_address_is_used_as_it_is(directory: Directory)
     assert Directory.empty().user("x@elsewhere.test") == contact
 
 
+def test_an_address_the_directory_knows_brings_its_name_and_locale(directory: Directory) -> None:
+    # The address stays as written (contract section 2); the name replaces it in the mail.
+    assert directory.user("alice@helpdesk.test") == ALICE
+    assert directory.user(" BOB@helpdesk.test ") == Contact("Bob Lee", "BOB@helpdesk.test", "de")
+    assert directory.department("bob@helpdesk.test") == (BOB,)
+    billing = Contact("Billing", "billing@helpdesk.test", "de")
+    assert directory.user("billing@helpdesk.test") == billing  # a department mailbox
+    acme = Contact("ACME Parts", "orders@acme.test", "en")
+    assert directory.supplier("orders@acme.test") == acme
+    # Customers are not staff: their addresses are not looked up.
+    assert directory.user("dana@customer.test") == Contact(
+        "dana@customer.test", "dana@customer.test", "en"
+    )
+
+
 @pytest.mark.parametrize(
     "token",
     [

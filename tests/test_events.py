@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 from pathlib import Path
@@ -299,6 +300,88 @@ def test_binary_mode_reads_attributes_from_headers_bytes_or_str() -> None:
     assert event.time == dt.datetime(2026, 11, 27, 9, 15, tzinfo=dt.UTC)
     assert event.datacontenttype == "application/json"
     assert event.data.ticket == Ticket(id="1042", reference="T-1042")
+
+
+def base64_event(payload: bytes, **envelope: Any) -> bytes:
+    event = cloudevent_for(BASE, event_id="e-3")
+    del event["data"]
+    event["data_base64"] = base64.b64encode(payload).decode("ascii")
+    event.update(envelope)
+    return json.dumps(event).encode()
+
+
+def test_data_base64_is_decoded_and_read_as_json() -> None:
+    # JSON event format §3.1.2: a receiver MUST decode data_base64.
+    data = {"activity": {**BASE, "sendUpdateByEmail": "Yes", "updateText": "Teile bestellt"}}
+    for headers in ({}, {"content-type": "application/cloudevents+json"}):
+        event = parse_event(base64_event(json.dumps(data).encode()), headers)
+        assert event.id == "e-3"
+        assert event.data.activity.update_text == "Teile bestellt"
+    no_type = parse_event(base64_event(json.dumps(data).encode(), datacontenttype=None), {})
+    assert no_type.data.activity.send_update_by_email is True
+
+
+def test_structured_mode_labelled_with_the_data_type_takes_it_as_datacontenttype() -> None:
+    # The SDK's 1.x Kafka binding moves datacontenttype into the content-type header.
+    event = cloudevent_for(BASE, event_id="e-4")
+    del event["datacontenttype"]
+    parsed = parse_event(json.dumps(event).encode(), {"content-type": b"text/json"})
+    assert parsed.datacontenttype == "text/json"
+    refused = failure(json.dumps(event).encode(), {"content-type": b"application/xml"})
+    assert refused.stage == "cloudevent"
+    assert "'application/xml' is not JSON" in refused.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "stage", "reason"),
+    [
+        (
+            base64_event(b"<activity/>", datacontenttype="application/xml"),
+            "cloudevent",
+            "is not JSON",
+        ),
+        (
+            base64_event(b"\x00\x01", datacontenttype="application/octet-stream"),
+            "cloudevent",
+            "is not JSON",
+        ),
+        (base64_event(b"{}", data={"activity": BASE}), "cloudevent", "both data and data_base64"),
+        (event_bytes(data_base64=17, data=None), "cloudevent", "data_base64: not a string"),
+        (event_bytes(data_base64="not base64!", data=None), "cloudevent", "not valid base64"),
+        (base64_event(b"not json"), "decode", "data_base64: not JSON"),
+        (base64_event(b"\xff\xfe"), "decode", "data_base64: not UTF-8"),
+        (base64_event(b""), "decode", "data_base64: empty"),
+        (base64_event(b'{"ticket": null}'), "activity", "data.activity: missing"),
+    ],
+)
+def test_data_base64_errors_have_a_stage_and_a_clear_reason(
+    value: bytes, stage: str, reason: str
+) -> None:
+    caught = failure(value)
+    assert caught.stage == stage
+    assert reason in caught.reason
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/json", "application/json; charset=utf-8", "TEXT/JSON", "application/ld+json"],
+)
+def test_json_media_types_are_served_in_both_modes(media_type: str) -> None:
+    assert parse_event(event_bytes(datacontenttype=media_type), {}).id == "e-1"
+    data = json.dumps({"activity": BASE}).encode()
+    assert parse_event(data, binary_headers(**{"content-type": media_type})).id == "e-2"
+
+
+@pytest.mark.parametrize("media_type", ["text/plain", "application/xml", "json", "application/"])
+def test_other_media_types_are_cloudevent_errors_in_both_modes(media_type: str) -> None:
+    for caught in (
+        failure(event_bytes(datacontenttype=media_type)),
+        failure(b"Printer jams", binary_headers(**{"content-type": media_type})),
+    ):
+        assert caught.stage == "cloudevent"
+        assert caught.reason == (
+            f"datacontenttype {media_type!r} is not JSON; only JSON data is served"
+        )
 
 
 def test_ticket_context_is_optional_and_must_match_the_activity() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from service.core.directory import Contact
 from service.core.render import Renderer, RenderError, format_when, nl2br
 from service.core.routing import Kind
 from tests.factories import make_notification
@@ -101,10 +103,33 @@ def test_nl2br_escapes_each_line() -> None:
     assert str(nl2br("a<\nb&")) == "a&lt;<br>\nb&amp;"
 
 
-def test_css_is_inlined_and_the_style_block_removed(renderer: Renderer) -> None:
+def _outside_at_rules(css: str) -> str:
+    """The CSS left once every `@...{...}` block (braces balanced) is cut out."""
+    kept, depth, in_at_rule = [], 0, False
+    for index, char in enumerate(css):
+        if depth == 0 and char == "@":
+            in_at_rule = True
+        if in_at_rule:
+            depth += char == "{"
+            depth -= char == "}"
+            if depth == 0 and char == "}":
+                in_at_rule = False
+            continue
+        kept.append(css[index])
+    return "".join(kept)
+
+
+def test_css_is_inlined_and_only_the_media_query_keeps_a_style_block(renderer: Renderer) -> None:
+    # Changed with issue 15: the @media rules (narrow screens) cannot be inlined, so one
+    # <style> block remains, holding them and nothing else.
     mail = renderer.render(make_notification(Kind.STAFF))
-    assert "<style" not in mail.html
     assert 'style="' in mail.html
+    assert 'class="label" style="' in mail.html
+    blocks = re.findall(r"<style>(.*?)</style>", mail.html, flags=re.S)
+    assert len(blocks) == 1
+    assert "@media only screen and (max-width: 480px)" in blocks[0]
+    assert "table.facts td.label" in blocks[0]
+    assert _outside_at_rules(blocks[0]).strip() == ""
 
 
 @pytest.mark.parametrize("locale", ["en", "de"])
@@ -247,3 +272,116 @@ def test_a_locale_folder_babel_does_not_know_still_renders(tmp_path: Path) -> No
     renderer.check()
     mail = renderer.render(make_notification(Kind.STAFF, locale="custom"))
     assert "Nov 27, 2026" in mail.text
+
+
+# --- what the frame adds, per kind (issue 15) ------------------------------------------------
+
+LETTER = "Sehr geehrte Frau Smith,\n\nanbei unser Angebot.\n\nMit freundlichen Grüßen\nAlice Jones"
+# (greeting, sign-off) the shipped frames write, per locale.
+FRAME_WORDS = {"en": ("Dear ", "Kind regards"), "de": ("Guten Tag", "Mit freundlichen Grüßen")}
+
+
+@pytest.mark.parametrize("locale", ["en", "de"])
+def test_customer_content_is_the_letter_alone_in_its_frame(renderer: Renderer, locale: str) -> None:
+    # The staff member's letter has its own salutation and sign-off: none is added.
+    n = make_notification(
+        Kind.CUSTOMER_CONTENT,
+        locale=locale,
+        activity_text=LETTER,
+        attachments=("standard/terms.pdf", "invoices/R-77.pdf"),
+    )
+    mail = renderer.render(n)
+    greeting, sign_off = FRAME_WORDS[locale]
+    lines = mail.text.splitlines()
+    assert lines[0] == "[T-1042] Printer on floor 3 jams"
+    assert lines[1] == ""
+    assert mail.text.count("Sehr geehrte") == mail.html.count("Sehr geehrte") == 1
+    assert mail.text.count("Mit freundlichen Grüßen") == 1
+    assert mail.html.count("Mit freundlichen Grüßen") == 1
+    for body in (mail.text, mail.html):
+        assert greeting not in body
+        assert "Helpdesk-Team" not in body
+        assert "helpdesk team" not in body
+        assert "terms.pdf" in body
+        assert "R-77.pdf" in body
+        assert "T-1042" in body
+    assert "-- \n" in mail.text  # the footer
+    assert mail.text.index("Alice Jones") < mail.text.index("terms.pdf") < mail.text.index("-- ")
+    if locale == "en":
+        assert sign_off not in mail.text + mail.html
+
+
+@pytest.mark.parametrize("locale", ["en", "de"])
+def test_customer_update_frames_the_status_line_with_greeting_and_sign_off(
+    renderer: Renderer, locale: str
+) -> None:
+    mail = renderer.render(make_notification(Kind.CUSTOMER_UPDATE, locale=locale))
+    greeting, sign_off = FRAME_WORDS[locale]
+    for body in (mail.text, mail.html):
+        assert f"{greeting}" in body
+        assert "Dana Smith" in body
+        assert sign_off in body
+        assert body.index(greeting) < body.index("Your ticket is in progress.")
+        assert body.index("Your ticket is in progress.") < body.index(sign_off)
+
+
+@pytest.mark.parametrize("locale", ["en", "de"])
+def test_a_recipient_known_only_by_address_is_greeted_without_it(
+    renderer: Renderer, locale: str
+) -> None:
+    bare = Contact("sales@vendor.test", "sales@vendor.test", locale)
+    mail = renderer.render(make_notification(Kind.SUPPLIER, recipient=bare))
+    assert "sales@vendor.test" not in mail.text + mail.html
+    hello = "Hello," if locale == "en" else "Guten Tag,"
+    assert mail.text.startswith(hello)
+    named = renderer.render(make_notification(Kind.SUPPLIER, locale=locale))
+    assert "ACME Parts," in named.text
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("locale", ["en", "de"])
+def test_text_bodies_are_wrapped_keeping_urls_and_the_writers_breaks(
+    renderer: Renderer, kind: Kind, locale: str
+) -> None:
+    url = "https://portal.example.test/tickets/1042/attachments/quote-2026-11-27.pdf?download=1"
+    text = (
+        "Sehr geehrte Frau Smith,\n\n"
+        + "der Techniker kommt am Montag zwischen neun und zwölf Uhr, bitte halten Sie "
+        + f"den Zugang zum Drucker frei. Das Angebot finden Sie unter {url} zum Download.\n"
+        + "Zeile zwei bleibt eine eigene Zeile.\n\nViele Grüße\nAlice Jones"
+    )
+    field = "update_text" if kind is Kind.CUSTOMER_UPDATE else "activity_text"
+    mail = renderer.render(make_notification(kind, locale=locale, **{field: text}))
+    lines = mail.text.splitlines()
+    assert url in lines  # whole, on a line of its own
+    assert all(len(line) <= 76 for line in lines if line != url), mail.text
+    assert max(len(line) for line in lines if line != url) >= 60  # wrapped, not chopped
+    assert "Zeile zwei bleibt eine eigene Zeile." in lines
+    assert "Viele Grüße" in lines
+    assert "Alice Jones" in lines
+    # Only line breaks changed: the words are all there, in order.
+    assert " ".join(text.split()) in " ".join(mail.text.split())
+    assert url in mail.html
+
+
+@pytest.mark.parametrize(
+    ("locale", "heading", "notice"),
+    [
+        ("en", "E-mail on ticket [T-1042]", "This is a follow-up to an earlier activity."),
+        ("de", "E-mail zum Ticket [T-1042]", "Dies ist eine Folgeaktivität"),
+    ],
+)
+def test_the_follow_up_notice_is_set_apart_from_the_heading_and_the_facts(
+    renderer: Renderer, locale: str, heading: str, notice: str
+) -> None:
+    n = make_notification(Kind.STAFF, locale=locale, parent_activity_id="5000")
+    lines = renderer.render(n).text.splitlines()
+    assert lines[0].startswith(heading)
+    assert lines[1] == ""
+    assert lines[2].startswith(notice)
+    assert lines[3] == ""
+    assert lines[4].startswith(("Type:", "Art:"))
+    # Without a parent, the heading is followed by one blank line and the facts.
+    first = renderer.render(make_notification(Kind.STAFF, locale=locale)).text.splitlines()
+    assert first[1] == ""
+    assert first[2].startswith(("Type:", "Art:"))

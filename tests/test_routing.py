@@ -356,6 +356,29 @@ def test_a_token_that_is_an_email_address_is_used_as_it_is() -> None:
     assert result.unresolved == ()
 
 
+def test_addresses_the_directory_knows_show_the_persons_name() -> None:
+    result = route(
+        event(
+            activityUser="ALICE@helpdesk.test",
+            activityDepartments="billing@helpdesk.test",
+            activityUsers="carol@helpdesk.test",
+            activitySuppliers="service@druckhaus.test",
+        ),
+        DIRECTORY,
+        ALLOW,
+    )
+    assert [(n.kind, n.recipient, n.author) for n in result.notifications] == [
+        (Kind.STAFF, Contact("Billing", "billing@helpdesk.test", "de"), "Alice Jones"),
+        (Kind.STAFF, Contact("Carol Weber", "carol@helpdesk.test", "de"), "Alice Jones"),
+        (Kind.SUPPLIER, Contact("Druckhaus", "service@druckhaus.test", "de"), None),
+    ]
+    # An address nobody in the directory has is all there is to show.
+    [mail] = route(
+        event(activityUser="x@elsewhere.test", activityUsers="carol"), DIRECTORY, ALLOW
+    ).notifications
+    assert mail.author == "x@elsewhere.test"
+
+
 def test_unknown_tokens_are_unresolved_and_the_other_recipients_still_notified() -> None:
     result = route(
         event(

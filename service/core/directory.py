@@ -54,6 +54,16 @@ class Directory:
         self._users = {normalize_token(k): v for k, v in (users or {}).items()}
         self._suppliers = {normalize_token(k): v for k, v in (suppliers or {}).items()}
         self._tickets = {k.strip(): v for k, v in (tickets or {}).items()}
+        # Who an address token is, to show a name instead of the address: users first, then
+        # department mailboxes, then suppliers; the first entry with an address wins.
+        self._by_address: dict[str, Contact] = {}
+        for group in (
+            self._users.values(),
+            (c for cs in self._departments.values() for c in cs),
+            self._suppliers.values(),
+        ):
+            for contact in group:
+                self._by_address.setdefault(contact.email.lower(), contact)
 
     @classmethod
     def empty(cls) -> "Directory":
@@ -67,26 +77,34 @@ class Directory:
 
     def department(self, token: str) -> tuple[Contact, ...] | None:
         """The contacts a department token reaches (its members, or its mailbox); None: unknown."""
-        address = _address_contact(token)
+        address = self._address_contact(token)
         return (address,) if address else self._departments.get(normalize_token(token))
 
     def user(self, token: str) -> Contact | None:
         """The staff user a token names; None: unknown."""
-        return _address_contact(token) or self._users.get(normalize_token(token))
+        return self._address_contact(token) or self._users.get(normalize_token(token))
 
     def supplier(self, token: str) -> Contact | None:
         """The supplier a token names; None: unknown."""
-        return _address_contact(token) or self._suppliers.get(normalize_token(token))
+        return self._address_contact(token) or self._suppliers.get(normalize_token(token))
 
     def ticket(self, ticket_id: str) -> Ticket | None:
         """The ticket with this id, with its customer; None: unknown."""
         return self._tickets.get(ticket_id.strip())
 
+    def _address_contact(self, token: str) -> Contact | None:
+        """A token that is an e-mail address; None for any other token.
 
-def _address_contact(token: str) -> Contact | None:
-    # Contract section 2: a token that is itself an e-mail address is used as it is.
-    address = token.strip()
-    return Contact(name=address, email=address) if looks_like_email(address) else None
+        Contract section 2: the address is used as it is. When an entry has that address,
+        its name and locale come along, so mail shows "Alice Jones", not the address.
+        """
+        address = token.strip()
+        if not looks_like_email(address):
+            return None
+        known = self._by_address.get(address.lower())
+        if known is None:
+            return Contact(name=address, email=address)
+        return Contact(name=known.name, email=address, locale=known.locale)
 
 
 def load_directory(path: Path) -> Directory:

@@ -1,5 +1,7 @@
 """Pydantic models of the ticket-activity CloudEvent, and parsing of Kafka messages into them."""
 
+import base64
+import binascii
 import datetime as dt
 import json
 import uuid
@@ -175,7 +177,11 @@ class InvalidEvent(Exception):
 def parse_event(
     value: bytes | None, headers: Mapping[str, bytes | str], *, max_bytes: int = MAX_EVENT_BYTES
 ) -> ActivityEvent:
-    """Parse one Kafka message (structured or binary CloudEvents mode); raise InvalidEvent."""
+    """Parse one Kafka message (structured or binary CloudEvents mode); raise InvalidEvent.
+
+    Structured events may carry their data in `data` or `data_base64`; only JSON data
+    (by `datacontenttype`, absent meaning JSON) is served.
+    """
     try:
         return _parse(value, headers, max_bytes)
     except InvalidEvent:
@@ -187,26 +193,30 @@ def parse_event(
 def _parse(
     value: bytes | None, headers: Mapping[str, bytes | str], max_bytes: int
 ) -> ActivityEvent:
-    body = _decode(value, max_bytes)
     attributes = _header_attributes(headers)
-    content_type = attributes.pop("content-type", "")
-    if content_type.lower().startswith("application/cloudevents-batch"):
+    content_type = attributes.pop("content-type", "").strip()
+    lowered = content_type.lower()
+    if lowered.startswith("application/cloudevents-batch"):
         raise InvalidEvent("cloudevent", "batch mode is not supported")
-    structured = content_type.lower().startswith("application/cloudevents") or (
-        isinstance(body, dict) and "specversion" in body
-    )
-    if structured:
-        if not isinstance(body, dict):
-            raise InvalidEvent("cloudevent", "not a JSON object")
-        if "data" not in body and "data_base64" in body:
-            raise InvalidEvent("cloudevent", "data_base64 is not supported; send JSON data")
-        envelope = body
-    elif "specversion" in attributes:
-        if content_type:
-            attributes.setdefault("datacontenttype", content_type)
-        envelope = {**attributes, "data": body}
+    if lowered.startswith("application/cloudevents"):
+        envelope = _structured(_decode(value, max_bytes), "", max_bytes)
+    elif "specversion" in attributes and content_type and not is_json_media_type(content_type):
+        # Binary mode whose data is not JSON: refused before the value is even read.
+        raise InvalidEvent("cloudevent", _not_json(content_type))
     else:
-        raise InvalidEvent("cloudevent", "not a CloudEvent: no specversion")
+        body = _decode(value, max_bytes)
+        if isinstance(body, dict) and "specversion" in body:
+            # Structured mode labelled with its data's media type, as the CloudEvents SDK's
+            # Kafka binding labels it (`content-type: application/json`): the header is then
+            # the event's datacontenttype.
+            envelope = _structured(body, content_type, max_bytes)
+        elif "specversion" in attributes:
+            envelope = {**attributes, "data": body}
+            if content_type:
+                envelope.setdefault("datacontenttype", content_type)
+        else:
+            raise InvalidEvent("cloudevent", "not a CloudEvent: no specversion")
+    _check_data_type(envelope)
     try:
         return ActivityEvent.model_validate(envelope)
     except ValidationError as exc:
@@ -215,6 +225,55 @@ def _parse(
         ) from None
     except RecursionError:
         raise InvalidEvent("activity", "data nested too deeply") from None
+
+
+def is_json_media_type(media_type: str) -> bool:
+    """`application/json`, `text/json` or any `+json` type (RFC 6839), parameters ignored."""
+    essence = media_type.partition(";")[0].strip().lower()
+    kind, slash, subtype = essence.partition("/")
+    if not (kind and slash and subtype):
+        return False
+    return essence in ("application/json", "text/json") or subtype.endswith("+json")
+
+
+def _not_json(media_type: str) -> str:
+    return f"datacontenttype {describe(media_type)} is not JSON; only JSON data is served"
+
+
+def _structured(body: Any, header_type: str, max_bytes: int) -> dict[str, Any]:
+    """The envelope of a structured-mode event, its `data_base64` decoded into `data`."""
+    if not isinstance(body, dict):
+        raise InvalidEvent("cloudevent", "not a JSON object")
+    envelope = dict(body)
+    if header_type and envelope.get("datacontenttype") is None:
+        envelope["datacontenttype"] = header_type
+    encoded = envelope.pop("data_base64", None)
+    if encoded is None:
+        return envelope
+    # JSON event format §3.1.2: binary data travels base64-encoded in `data_base64`, never
+    # beside `data`, and a receiver MUST decode it. Its media type is checked before the
+    # bytes are read.
+    if envelope.get("data") is not None:
+        raise InvalidEvent("cloudevent", "both data and data_base64 are set")
+    if not isinstance(encoded, str):
+        raise InvalidEvent("cloudevent", f"data_base64: not a string: {describe(encoded)}")
+    _check_data_type(envelope)
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidEvent("cloudevent", "data_base64: not valid base64") from None
+    try:
+        envelope["data"] = _decode(raw, max_bytes)
+    except InvalidEvent as exc:
+        raise InvalidEvent(exc.stage, f"data_base64: {exc.reason}") from None
+    return envelope
+
+
+def _check_data_type(envelope: Mapping[str, Any]) -> None:
+    """Only JSON data is served; an absent (or blank) datacontenttype means JSON."""
+    media_type = envelope.get("datacontenttype")
+    if isinstance(media_type, str) and media_type.strip() and not is_json_media_type(media_type):
+        raise InvalidEvent("cloudevent", _not_json(media_type))
 
 
 def _decode(value: bytes | None, max_bytes: int) -> Any:

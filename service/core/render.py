@@ -1,4 +1,4 @@
-"""Jinja rendering of a notification into subject, plain text and inlined-CSS HTML."""
+"""Jinja rendering of a notification into subject, wrapped plain text and inlined-CSS HTML."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from markupsafe import Markup, escape
 from service.core.directory import Contact
 from service.core.routing import Kind, Notification
 from service.core.text import one_line
+from service.core.wrap import wrap_text
 
 __all__ = ["FALLBACK_LOCALE", "RenderError", "RenderedMail", "Renderer"]
 
@@ -73,7 +74,11 @@ class Renderer:
         )
         self._env.filters["nl2br"] = nl2br
         # No network: a <link> to a remote stylesheet must not be fetched while rendering.
-        self._inliner = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=False)
+        # At-rules cannot be inlined: they stay in a <style> block (the layout's @media query
+        # that stacks the facts table on narrow screens), everything else becomes style="".
+        self._inliner = css_inline.CSSInliner(
+            keep_style_tags=False, keep_at_rules=True, load_remote_stylesheets=False
+        )
         self._templates: dict[tuple[str, str, str], Template] = {}
         folders = (
             sorted(p.name for p in templates_dir.iterdir() if p.is_dir())
@@ -102,7 +107,10 @@ class Renderer:
         return tuple(sorted(self._folders.values()))
 
     def render(self, n: Notification) -> RenderedMail:
-        """Subject, text and HTML for `n`, in the recipient's locale or the fallback."""
+        """Subject, text and HTML for `n`, in the recipient's locale or the fallback.
+
+        The text body is wrapped at 76 columns (service.core.wrap) whatever the template.
+        """
         chain = self._chain(n.recipient.locale)
         where = f"{n.kind.value}/{_UNSAFE_TAG.sub('?', n.recipient.locale)[:35] or '-'}"
         chosen = {part: self._pick(chain, n.kind.value, part, where) for part, _ in _PARTS}
@@ -110,7 +118,7 @@ class Renderer:
         context = _context(n, folder, _babel_locale(n.recipient.locale, folder))
         try:
             subject = chosen["subject"][1].render(context)
-            text = chosen["text"][1].render(context)
+            text = wrap_text(chosen["text"][1].render(context))
             html = self._inliner.inline(chosen["html"][1].render(context))
         except Exception as exc:
             # `from None`: a chained cause could carry the data that upset the template.
@@ -220,7 +228,10 @@ def _context(n: Notification, folder: str, locale: Locale) -> dict[str, Any]:
         "reference": n.ticket_reference or n.ticket_id,
         "ticket_subject": n.ticket_subject,
         "customer_name": n.customer_name,
-        "recipient_name": n.recipient.name,
+        # A recipient known only by address has no name to greet: "Hello," not "Hello x@y,".
+        "recipient_name": (
+            "" if n.recipient.name.lower() == n.recipient.email.lower() else n.recipient.name
+        ),
         "activity_id": n.activity_id,
         "activity_type": n.activity_type or "",
         "author": n.author or "",

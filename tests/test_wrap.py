@@ -1,0 +1,71 @@
+"""Tests of service.core.wrap: long lines fold at spaces; nothing else about the text changes."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.core.wrap import WIDTH, wrap_text
+
+LONG = "The technician comes on Monday between nine and twelve, please keep the way clear."
+
+
+def test_short_lines_blank_lines_and_signatures_are_left_alone() -> None:
+    text = "Dear Dana,\n\n  indented\n-- \nHelpdesk\n\n"
+    assert wrap_text(text) == text
+
+
+def test_a_long_line_folds_at_spaces_within_the_width() -> None:
+    lines = wrap_text(LONG).splitlines()
+    assert len(lines) == 2
+    assert all(len(line) <= WIDTH for line in lines)
+    assert " ".join(lines) == LONG
+
+
+def test_urls_and_hyphenated_words_are_never_split() -> None:
+    url = "https://example.test/" + "a-very-long-path/" * 6 + "file.pdf?x=1&y=2"
+    text = f"Please download the quote at {url} before Monday, thank you very much."
+    lines = wrap_text(text).splitlines()
+    assert lines == [
+        "Please download the quote at",
+        url,
+        "before Monday, thank you very much.",
+    ]
+    hyphens = "self-service " * 10
+    assert all(w == "self-service" for w in wrap_text(hyphens, width=30).split())
+
+
+def test_the_writers_line_breaks_are_kept() -> None:
+    text = f"{LONG}\nSecond line.\r\nThird line.\n\n{LONG}"
+    lines = wrap_text(text).splitlines()
+    assert lines[2:4] == ["Second line.", "Third line."]
+    assert lines[4] == ""
+    assert len(lines) == 7
+
+
+def test_quotes_indents_and_list_items_continue_under_themselves() -> None:
+    assert wrap_text(f"> > {LONG}").splitlines()[1].startswith("> > ")
+    assert wrap_text(f"    {LONG}").splitlines()[1].startswith("    ")
+    item = wrap_text(f"- {LONG}").splitlines()
+    assert item[0].startswith("- The")
+    assert item[1].startswith("  ")
+    assert not item[1].startswith("   ")
+    numbered = wrap_text(f"12. {LONG}").splitlines()
+    assert numbered[1].startswith("    ")
+    assert numbered[1][4] != " "
+
+
+def test_a_line_of_only_blanks_stays() -> None:
+    blank = " " * 100
+    assert wrap_text(blank) == blank
+
+
+@given(st.text(alphabet=st.sampled_from("ab -\n>\t"), max_size=400))
+def test_property_wrapping_only_moves_line_breaks(text: str) -> None:
+    wrapped = wrap_text(text, width=20)
+    # Only blanks turn into line breaks: the words are the same, in the same order.
+    assert wrapped.split() == text.split()
+    # Every line is within the width unless it is one word (with its prefix), or was kept.
+    kept = set(text.splitlines())
+    for line in wrapped.splitlines():
+        assert len(line) <= 20 or line in kept or len(line.lstrip(" >\t").split()) == 1
