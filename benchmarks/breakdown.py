@@ -195,8 +195,9 @@ async def _dispatcher_cpu(workload: Any, raw: list[bytes], ledger_path: Path) ->
     from prometheus_client import CollectorRegistry
 
     from service.delivery.build import InlineBuilder, MailSpec
+    from service.delivery.config import DeliveryConfig
     from service.delivery.dead_letters import Record
-    from service.delivery.dispatch import DeliveryConfig, Dispatcher
+    from service.delivery.dispatch import Dispatcher
 
     logging.getLogger("service").setLevel(logging.INFO)
     handler = logging.StreamHandler(io.StringIO())

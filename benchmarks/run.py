@@ -191,6 +191,8 @@ def service_env(ctx: Context, topic: str, smtp_port: int, tag: str) -> dict[str,
         "NOTIFY_ATTACHMENTS_DIR": str(ctx.workload.attachments_dir),
         "NOTIFY_LEDGER_URL": f"sqlite:///{ctx.work / f'ledger-{tag}.sqlite3'}",
         "NOTIFY_SMTP_POOL_SIZE": str(ctx.pool_size),
+        # The workload mails few addresses many times: no hourly limit, explicitly.
+        "NOTIFY_RECIPIENT_LIMIT_PER_HOUR": "0",
     }
     env.update(ctx.args.env)
     return env

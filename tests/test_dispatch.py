@@ -19,8 +19,9 @@ from service.core.directory import Directory
 from service.core.failures import Failure
 from service.core.mime import AddressError
 from service.delivery.build import InlineBuilder, MailBuilder, MailSpec
+from service.delivery.config import DeliveryConfig
 from service.delivery.dead_letters import Record, RetryLater
-from service.delivery.dispatch import DeliveryConfig, Dispatcher
+from service.delivery.dispatch import Dispatcher
 from service.delivery.ledger import Key
 from service.delivery.ledger.sqlite import SqliteLedger
 from service.delivery.smtp import PermanentSmtpError, TransientSmtpError

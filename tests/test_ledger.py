@@ -251,3 +251,25 @@ async def test_prune_deletes_old_rows_in_batches(url: str, ledger: Ledger) -> No
     assert await ledger.prune(time.time() + 1, batch_size=3) == 14
     assert await ledger.sent([key(i) for i in range(7)]) == set()
     assert run_sql(url, "SELECT state FROM reminders") == [("scheduled",)]
+
+
+async def test_sent_mails_name_what_each_recipient_got_of_an_activity(ledger: Ledger) -> None:
+    content = key(7, "dana@customer.test", "customer_content")
+    update = key(7, "dana@customer.test", "customer_update")
+    staff = key(7, "alice@helpdesk.test", "staff")
+    failed = key(7, "bob@helpdesk.test", "staff")
+    await ledger.record(Entry(content, Status.SENT, "<a.7.cc@x>", ticket_id="1042"))
+    await ledger.record(Entry(update, Status.SENT, "<a.7.cu@x>", ticket_id="1042"))
+    await ledger.record(Entry(staff, Status.SENT, "<a.7.st@x>", ticket_id="1042"))
+    await ledger.record(Entry(failed, Status.FAILED, "<a.7.bob@x>", ticket_id="1042"))
+    found = await ledger.sent_mails(
+        [("7", "dana@customer.test"), ("7", "alice@helpdesk.test"), ("7", "bob@helpdesk.test")]
+    )
+    assert found == {
+        ("7", "dana@customer.test"): {
+            "customer_content": "<a.7.cc@x>",
+            "customer_update": "<a.7.cu@x>",
+        },
+        ("7", "alice@helpdesk.test"): {"staff": "<a.7.st@x>"},
+    }
+    assert await ledger.sent_mails([]) == {}

@@ -222,17 +222,25 @@ def test_the_configured_domain_cannot_break_the_header() -> None:
 
 def test_every_mail_of_a_ticket_refers_to_the_thread_root() -> None:
     first = make_notification()
-    follow_up = make_notification(activity_id="5002", parent_activity_id="5001")
-    assert thread_ids(first, DOMAIN) == ("<t.1042@helpdesk.test>", ("<t.1042@helpdesk.test>",))
-    assert thread_ids(follow_up, DOMAIN) == (
-        "<a.5001@helpdesk.test>",
-        ("<t.1042@helpdesk.test>", "<a.5001@helpdesk.test>"),
+    parent_mail = message_id(first, DOMAIN)
+    answer = make_notification(
+        activity_id="5002", parent_activity_id="5001", in_reply_to=parent_mail
     )
-    msg = parse(build(follow_up))
-    assert msg["In-Reply-To"] == "<a.5001@helpdesk.test>"
-    assert msg["References"].split() == ["<t.1042@helpdesk.test>", "<a.5001@helpdesk.test>"]
+    assert thread_ids(first, DOMAIN) == ("<t.1042@helpdesk.test>", ("<t.1042@helpdesk.test>",))
+    assert thread_ids(answer, DOMAIN) == (parent_mail, ("<t.1042@helpdesk.test>", parent_mail))
+    msg = parse(build(answer))
+    assert msg["In-Reply-To"] == parent_mail
+    assert msg["References"].split() == ["<t.1042@helpdesk.test>", parent_mail]
     plain = parse(build(first))
     assert plain["In-Reply-To"] == plain["References"] == "<t.1042@helpdesk.test>"
+
+
+def test_a_follow_up_without_a_parent_mail_falls_back_to_the_ticket_root() -> None:
+    orphan = make_notification(activity_id="5002", parent_activity_id="5001")
+    assert thread_ids(orphan, DOMAIN) == ("<t.1042@helpdesk.test>", ("<t.1042@helpdesk.test>",))
+    # Whatever the ledger held, only a plain msg-id reaches a header.
+    forged = make_notification(parent_activity_id="5001", in_reply_to="<x@y>\r\nBcc: e@v.test")
+    assert thread_ids(forged, DOMAIN)[0] == "<t.1042@helpdesk.test>"
 
 
 def test_output_is_deterministic() -> None:

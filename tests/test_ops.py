@@ -41,7 +41,7 @@ DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "pr
 
 KINDS = {"customer_content", "customer_update", "staff", "supplier"}
 EVENT_TYPES = {"ticketActivity.created", "ticketActivity.updated", "invalid"}
-EVENT_OUTCOMES = {"processed", "dead_lettered", "retry_later"}
+EVENT_OUTCOMES = {"processed", "dead_lettered", "retry_later", "expired"}
 NOTIFICATION_OUTCOMES = {
     "sent",
     "skipped_duplicate",
@@ -49,8 +49,20 @@ NOTIFICATION_OUTCOMES = {
     "unresolved",
     "failed_transient",
     "failed_permanent",
+    "expired",
+    "throttled",
 }
-STAGES = {"decode", "cloudevent", "type", "activity", "render", "attachment", "address", "smtp"}
+STAGES = {
+    "decode",
+    "cloudevent",
+    "type",
+    "activity",
+    "render",
+    "attachment",
+    "address",
+    "smtp",
+    "throttled",
+}
 SMTP_OUTCOMES = {"accepted", "transient", "permanent", "withheld", "error"}
 VERSION = re.compile(r"^\d+(\.\d+)*([.+-][0-9A-Za-z.+-]*)?$")
 SMALL_INT = re.compile(r"^\d{1,4}$")

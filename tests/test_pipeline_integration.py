@@ -126,9 +126,10 @@ async def test_example_events_become_the_expected_mails(
     names = sorted(a.get_filename() for a in supplier.iter_attachments())
     assert names == ["quote.pdf", "terms.pdf"]
 
+    # The follow-up answers the very mail its parent sent the same recipient.
     follow_up = parsed[("dana@customer.test", "5005", "customer_content")]
-    assert "<a.5001@helpdesk.test>" in follow_up["In-Reply-To"]
-    assert "<t.1042@helpdesk.test>" in follow_up["References"]
+    assert follow_up["In-Reply-To"] == customer["Message-ID"]
+    assert follow_up["References"].split() == ["<t.1042@helpdesk.test>", customer["Message-ID"]]
 
     update = parsed[("erik.novak@customer.test", "5002", "customer_update")]
     assert update["Subject"] == "[T-1043] VPN access for new starter"

@@ -251,7 +251,10 @@ def test_unknown_ticket_uses_its_id_as_reference() -> None:
 @pytest.mark.parametrize("ticket_id", ["7777", "1043"])
 def test_missing_customer_is_unresolved_and_the_rest_still_notified(ticket_id: str) -> None:
     result = route(everything(ticketID=ticket_id), DIRECTORY, ALLOW)
-    assert result.unresolved == (Unresolved("customer", ticket_id),)
+    assert result.unresolved == (
+        Unresolved("customer", ticket_id, Kind.CUSTOMER_CONTENT),
+        Unresolved("customer", ticket_id, Kind.CUSTOMER_UPDATE),
+    )
     assert {n.kind for n in result.notifications} == {Kind.STAFF, Kind.SUPPLIER}
 
 
@@ -392,7 +395,7 @@ def test_unknown_tokens_are_unresolved_and_the_other_recipients_still_notified()
     assert result.unresolved == (
         Unresolved("activityDepartments", "sales"),
         Unresolved("activityUsers", "mallory"),
-        Unresolved("activitySuppliers", "ghost"),
+        Unresolved("activitySuppliers", "ghost", Kind.SUPPLIER),
     )
     assert addresses(list(result.notifications)) == [
         "alice@helpdesk.test",

@@ -5,15 +5,22 @@ from __future__ import annotations
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.delivery.dead_letters import original_headers
+from service.delivery.dispatch import REPLAYED_STAGE
 from service.runtime.settings import Settings
+
+REPLAY_HEADERS = ("x-replayed-from", REPLAYED_STAGE)
 
 
 def replay_headers(
     headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...], origin: str
 ) -> list[tuple[str, bytes]]:
-    """The record's original headers, plus where the replay came from."""
-    kept = [(k, v) for k, v in original_headers(headers) if k != "x-replayed-from"]
-    return [*kept, ("x-replayed-from", origin.encode())]
+    """The record's original headers, plus where the replay came from and its stage there.
+
+    The stage lets the consumer release a `throttled` mail without throttling it again.
+    """
+    stage = dict(headers).get("x-error-stage", b"")
+    kept = [(k, v) for k, v in original_headers(headers) if k not in REPLAY_HEADERS]
+    return [*kept, ("x-replayed-from", origin.encode()), (REPLAYED_STAGE, stage)]
 
 
 def matches(headers: dict[str, bytes], stage: str | None, contains: str | None) -> bool:

@@ -21,6 +21,7 @@ class Stage(StrEnum):
     ATTACHMENT = "attachment"  # refused, too large, or missing past the wait
     ADDRESS = "address"  # an address no header can carry
     SMTP = "smtp"  # the SMTP server refused the mail for good (5xx)
+    THROTTLED = "throttled"  # the recipient's hourly limit (section 10): held for a replay
 
 
 @dataclass(frozen=True, slots=True)

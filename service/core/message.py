@@ -40,6 +40,8 @@ __all__ = [
 # "h_" prefix is reserved for hashed ids so that no verbatim id can equal a hashed one.
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _SAFE_DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# What message_id() produces: <dot-atom of [A-Za-z0-9_-]@domain>, nothing a header could trip on.
+_MSG_ID = re.compile(r"<[A-Za-z0-9_.-]{1,200}@[A-Za-z0-9.-]{1,253}>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,17 +89,18 @@ def message_id(n: Notification, domain: str) -> str:
 
 
 def thread_ids(n: Notification, domain: str) -> ThreadIds:
-    """Every mail of a ticket refers to a per-ticket root; a follow-up also to its parent.
+    """Every mail of a ticket refers to a per-ticket root; a follow-up answers its parent.
 
-    The ids are synthetic (no mail carries them), which is enough: clients thread on
-    References (RFC 5322 §3.6.4, JWZ threading) and keep a placeholder for the root.
+    The root id is synthetic (no mail carries it), which is enough: clients thread on
+    References (RFC 5322 §3.6.4, JWZ threading) and keep a placeholder for the root. A
+    follow-up to a recipient who got a mail of the parent activity names that mail, so it
+    nests under it; one who got none falls back to the root.
     """
-    host = _safe_domain(domain)
-    root = f"<t.{_safe_id(n.ticket_id)}@{host}>"
-    if not n.parent_activity_id:
-        return ThreadIds(root, (root,))
-    parent = f"<a.{_safe_id(n.parent_activity_id)}@{host}>"
-    return ThreadIds(parent, (root, parent))
+    root = f"<t.{_safe_id(n.ticket_id)}@{_safe_domain(domain)}>"
+    # The parent's id comes from our own ledger; still, only a plain msg-id reaches a header.
+    if n.in_reply_to and _MSG_ID.fullmatch(n.in_reply_to):
+        return ThreadIds(n.in_reply_to, (root, n.in_reply_to))
+    return ThreadIds(root, (root,))
 
 
 def build_message(

@@ -52,6 +52,9 @@ class Notification:
     followup_time: dt.time | None = None  # staff only
     attachments: tuple[str, ...] = ()  # store references to attach
     listed_attachments: tuple[str, ...] = ()  # staff: listed by name, never attached
+    # The Message-ID of the parent activity's mail to this recipient, if one went out (the
+    # dispatcher finds it in the ledger): a follow-up answers that very mail.
+    in_reply_to: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -61,10 +64,14 @@ class Notification:
 
 @dataclass(frozen=True, slots=True)
 class Unresolved:
-    """A recipient the directory does not know (`field`: the activity field, or "customer")."""
+    """A recipient the directory does not know (`field`: the activity field, or "customer").
+
+    `kind` is the mail it would have got; for a missing customer, `token` is the ticket id.
+    """
 
     field: str
     token: str
+    kind: Kind = Kind.STAFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +151,7 @@ def _customer_notifications(
     if activity.send_update_by_email and activity.update_text.strip():
         wanted.append(replace(blank, kind=Kind.CUSTOMER_UPDATE, update_text=activity.update_text))
     if wanted and customer is None:
-        unresolved.append(Unresolved("customer", activity.ticket_id))
+        unresolved.extend(Unresolved("customer", activity.ticket_id, n.kind) for n in wanted)
         return []
     if customer is None:
         return []
@@ -246,7 +253,8 @@ def _resolve(
     for token in tokens:
         contacts = find(token)
         if contacts is None:
-            unresolved.append(Unresolved(field, token))
+            kind = Kind.SUPPLIER if field == "activitySuppliers" else Kind.STAFF
+            unresolved.append(Unresolved(field, token, kind))
         elif isinstance(contacts, Contact):
             found.append(contacts)
         else:

@@ -5,51 +5,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from service.core.backoff import backoff_delay
 from service.core.directory import Directory
 from service.core.events import ActivityEvent, InvalidEvent, parse_event
 from service.core.failures import Failure, Stage
-from service.core.message import message_id
-from service.core.routing import Notification, RoutingPolicy, RoutingResult, route
-from service.delivery.build import MailBatch, MailBuilder, NotBuilt, Outcome
+from service.core.history import HistoryGuard
+from service.core.routing import Kind, Notification, RoutingResult, route
+from service.delivery.build import MailBuilder
+from service.delivery.config import DeliveryConfig
 from service.delivery.dead_letters import DeadLetterSink, Record, RetryLater
-from service.delivery.ledger import DeadLetter, Entry, Key, Ledger, Status
-from service.delivery.smtp import Mailer, PermanentSmtpError, TransientSmtpError
-from service.delivery.workers import WorkerLost
+from service.delivery.ledger import Claim, ClaimRequest, DeadLetter, Key, Ledger
+from service.delivery.outcomes import Ids, Outcomes, key_of
+from service.delivery.sending import Batch, Sender
+from service.delivery.smtp import Mailer
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger("service.delivery.dispatch")
 
+# `notifier dlq replay` marks a replayed record with the stage it was dead-lettered at; a
+# record released from `throttled` is not throttled again (contract section 10).
+REPLAYED_STAGE = "x-replayed-stage"
+# On a revocation, in-flight records of the lost partitions get this long to finish, so
+# the new owner finds them recorded rather than claimed.
+REVOKE_WAIT_SECONDS = 10.0
 
-@dataclass(frozen=True, slots=True)
-class DeliveryConfig:
-    """The settings the dispatcher needs, as plain values."""
-
-    envelope_from: str
-    domain: str
-    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
-    concurrency: int = 64
-    retry_initial: float = 0.5
-    retry_max: float = 30.0
-    retry_budget: float = 120.0
-    attachment_wait: float = 300.0
+TopicPartition = tuple[str, int]
 
 
-@dataclass(slots=True)
-class _Batch:
-    """What the records of one batch share while they are served.
-
-    `sent` holds the keys the ledger knew at the start of the batch plus every key sent
-    since, so a later record of the same activity in this batch skips them too.
-    """
-
-    sent: set[Key]
-    deadline: float
-    mails: MailBatch
+class Revoked(RetryLater):
+    """The batch's partitions moved to another instance: stop, commit nothing, lose nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +45,13 @@ class Routed:
 
     event: ActivityEvent
     result: RoutingResult
-    ids: dict[str, str]
-
-
-def _key(n: Notification) -> Key:
-    return Key(*n.key)
+    ids: Ids
+    expired: str | None = None  # why it mails nobody (history, too old), if so
+    released: bool = False  # replayed from the `throttled` dead letters
 
 
 class Dispatcher:
-    """Validate → route → render → send → record → count, for each record of a batch."""
+    """Validate → route → claim → build → send → record, for each record of a batch."""
 
     def __init__(
         self,
@@ -83,57 +68,92 @@ class Dispatcher:
         self._directory = directory
         self._builder = builder
         self._ledger = ledger
-        self._mailer = mailer
         self._dead_letters = dead_letters
         self._metrics = metrics
+        self._outcomes = Outcomes(ledger, metrics)
         self._stopping = asyncio.Event()
+        self._sender = Sender(config, ledger, mailer, self._outcomes, metrics, self._stopping)
+        self._guard: HistoryGuard | None = None
+        self._revocations: Counter[TopicPartition] = Counter()
+        self._busy: Counter[TopicPartition] = Counter()
+        self._idle = asyncio.Condition()
 
     def stop(self) -> None:
         """Abandon retries at once: unfinished records stay uncommitted and come back."""
         self._stopping.set()
+
+    def revoke(self, partitions: set[TopicPartition]) -> None:
+        """These partitions moved away: take no new record of them (in a running batch too)."""
+        self._revocations.update(partitions)
+
+    async def quiesce(self, partitions: set[TopicPartition]) -> None:
+        """Return once no record of these partitions is in flight (the caller bounds it)."""
+        async with self._idle:
+            await self._idle.wait_for(lambda: not any(self._busy[tp] for tp in partitions))
 
     async def handle_batch(self, records: Sequence[Record]) -> None:
         """Serve a batch; raises RetryLater when any record must be fetched again.
 
         Records of one key (one ticket) on one partition are served in order; different
         keys are served concurrently, up to the configured concurrency. Parsing and routing
-        are pure, so they run first, and the ledger is asked once for the whole batch.
+        are pure, so they run first, and the ledger is asked once per batch for what was
+        sent, for the parents' mails, and to claim what is to be sent.
         """
         if self._stopping.is_set():
             raise RetryLater
+        snapshot = {
+            (r.topic, r.partition): self._revocations[(r.topic, r.partition)] for r in records
+        }
         done = await self._ledger.dead_lettered([r.where for r in records])
         pending = [r for r in records if r.where not in done]
-        routed = {r.where: self._route(r) for r in pending}
-        sent = await self._ledger.sent(
-            [
-                _key(n)
-                for item in routed.values()
-                if isinstance(item, Routed)
-                for n in item.result.notifications
-            ]
+        guard = await self._history_guard()
+        now = time.time()
+        routed = {r.where: self._route(r, guard, now) for r in pending}
+        live = [item for item in routed.values() if isinstance(item, Routed) and not item.expired]
+        keys = [key_of(n) for item in live for n in item.result.notifications]
+        sent = await self._ledger.sent(keys)
+        parents = await self._parent_mails(live, sent)
+        unsent = [
+            _answering(n, parents)
+            for item in live
+            for n in item.result.notifications
+            if key_of(n) not in sent
+        ]
+        claims, claimed_at = await self._claim(live, sent)
+        await self._record_tickets(live)
+        batch = Batch(
+            sent=sent,
+            claims=claims,
+            leases=dict.fromkeys(
+                (k for k, c in claims.items() if c is Claim.WON),
+                claimed_at + self._config.lease_seconds,
+            ),
+            deadline=time.monotonic() + self._config.retry_budget,
+            mails=self._builder.batch(unsent),
+            parent_mails=parents,
         )
         groups: dict[tuple[int, bytes | None], list[Record]] = defaultdict(list)
         for record in pending:
             groups[(record.partition, record.key)].append(record)
-        unsent = [
-            n
-            for item in routed.values()
-            if isinstance(item, Routed)
-            for n in item.result.notifications
-            if _key(n) not in sent
-        ]
-        batch = _Batch(
-            sent, time.monotonic() + self._config.retry_budget, self._builder.batch(unsent)
-        )
         slots = asyncio.Semaphore(self._config.concurrency)
 
         async def serve(group: list[Record]) -> None:
             async with slots:
                 for record in group:
-                    # On shutdown, take no new record: what is left stays uncommitted.
+                    tp = (record.topic, record.partition)
+                    # On shutdown, or once the partition moved away, take no new record:
+                    # what is left stays uncommitted and is read again by its owner.
                     if self._stopping.is_set():
                         raise RetryLater
-                    await self._serve(record, routed[record.where], batch)
+                    if self._revocations[tp] != snapshot[tp]:
+                        raise Revoked
+                    self._busy[tp] += 1
+                    try:
+                        await self._serve(record, routed[record.where], batch)
+                    finally:
+                        self._busy[tp] -= 1
+                        async with self._idle:
+                            self._idle.notify_all()
 
         try:
             results = await asyncio.gather(
@@ -141,6 +161,7 @@ class Dispatcher:
             )
         finally:
             await batch.mails.close()
+            await self._release(batch)
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
             if not isinstance(error, RetryLater):
@@ -148,188 +169,152 @@ class Dispatcher:
         if errors:
             raise errors[0]
 
-    def _route(self, record: Record) -> Routed | InvalidEvent:
+    async def _history_guard(self) -> HistoryGuard:
+        """The group's first start on this ledger, asked once (section 10)."""
+        if self._guard is None:
+            first = await self._ledger.first_start(self._config.group_id, time.time())
+            self._guard = HistoryGuard(
+                first, self._config.history_grace, self._config.max_event_age
+            )
+        return self._guard
+
+    def _route(self, record: Record, guard: HistoryGuard, now: float) -> Routed | InvalidEvent:
         try:
             event = parse_event(record.value, dict(record.headers))
         except InvalidEvent as exc:
             return exc
-        ids = {
-            "event_id": event.id,
-            "activity_id": event.data.activity.id,
-            "ticket_id": event.data.activity.ticket_id,
-        }
-        return Routed(event, route(event, self._directory, self._config.policy), ids)
+        activity = event.data.activity
+        ids = Ids(event.id, activity.id, activity.ticket_id, event.time)
+        written = record.timestamp_ms / 1000 if record.timestamp_ms is not None else None
+        released = dict(record.headers).get(REPLAYED_STAGE) == Stage.THROTTLED.value.encode()
+        return Routed(
+            event,
+            route(event, self._directory, self._config.policy),
+            ids,
+            expired=guard.reason(written, now),
+            released=released,
+        )
 
-    async def _serve(self, record: Record, item: Routed | InvalidEvent, batch: _Batch) -> None:
+    async def _parent_mails(
+        self, live: list[Routed], sent: set[Key]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        """What the parents of the batch's follow-ups mailed to the same recipients."""
+        pairs = {
+            (n.parent_activity_id, key_of(n).recipient)
+            for item in live
+            for n in item.result.notifications
+            if n.parent_activity_id and key_of(n) not in sent
+        }
+        return await self._ledger.sent_mails(sorted(pairs)) if pairs else {}
+
+    async def _claim(self, live: list[Routed], sent: set[Key]) -> tuple[dict[Key, Claim], float]:
+        """Claim the batch's unsent keys in one transaction; the claims and when they began."""
+        requests: dict[Key, ClaimRequest] = {}
+        for item in live:
+            for n in item.result.notifications:
+                key = key_of(n)
+                if key not in sent and key not in requests:
+                    requests[key] = ClaimRequest(
+                        key, n.ticket_id, item.ids.event_id, bypass_limit=item.released
+                    )
+        started = time.monotonic()  # before the request: the local lease ends no later
+        claims = await self._ledger.claim(
+            list(requests.values()),
+            self._config.owner,
+            self._config.lease_seconds,
+            self._config.recipient_limit,
+        )
+        return claims, started
+
+    async def _record_tickets(self, live: list[Routed]) -> None:
+        """Ticket references, so the audit finds a ticket by them."""
+        references = {
+            n.ticket_id: n.ticket_reference
+            for item in live
+            for n in (*item.result.notifications, *item.result.withheld)
+            if n.ticket_reference
+        }
+        await asyncio.gather(
+            *(self._ledger.record_ticket(t, r) for t, r in sorted(references.items()))
+        )
+
+    async def _release(self, batch: Batch) -> None:
+        """Give back the claims this batch won and did not finish (a rewind, a revocation)."""
+        unfinished = [k for k in batch.leases if k not in batch.finished]
+        if unfinished:
+            await self._ledger.release(unfinished, self._config.owner)
+
+    async def _serve(self, record: Record, item: Routed | InvalidEvent, batch: Batch) -> None:
         """Serve one record; returns when it may be committed."""
         if isinstance(item, InvalidEvent):
-            await self._dead_letter(record, {}, item.failure)
+            await self._dead_letter(record, None, item.failure)
             self._metrics.event(None, "dead_lettered")
             return
-        event, result, ids = item.event, item.result, item.ids
-        for unresolved in result.unresolved:
-            self._metrics.notification("unknown", "unresolved")
-            log.warning(
-                "unresolved recipient",
-                extra={
-                    **ids,
-                    "outcome": "unresolved",
-                    "field": unresolved.field,
-                    "token": unresolved.token[:100],
-                },
+        result, ids = item.result, item.ids
+        if item.expired:
+            await self._outcomes.expired(
+                [*result.notifications, *result.withheld], ids, item.expired
             )
-        for withheld in result.withheld:
-            self._metrics.notification(withheld.kind.value, "withheld")
-            log.info(
-                "supplier mail withheld: personal data",
-                extra={**ids, "kind": withheld.kind.value, "outcome": "withheld"},
-            )
-        todo = []
-        for n in result.notifications:
-            if _key(n) in batch.sent:
-                self._metrics.notification(n.kind.value, "skipped_duplicate")
-                log.info(
-                    "already sent",
-                    extra={**ids, "kind": n.kind.value, "outcome": "skipped_duplicate"},
-                )
-            else:
-                todo.append(n)
+            self._metrics.event(item.event.type, "expired")
+            return
+        await asyncio.gather(
+            *(self._outcomes.unresolved(u, ids) for u in result.unresolved),
+            *(self._outcomes.withheld(n, ids) for n in result.withheld),
+        )
+        # A parent earlier in this batch (same ticket, so served before) counts too.
+        notifications = [_answering(n, batch.parent_mails) for n in result.notifications]
         outcomes = await asyncio.gather(
-            *(self._deliver(n, event, record, batch) for n in todo),
+            *(self._sender.deliver(n, ids, record, batch) for n in notifications),
             return_exceptions=True,
         )
         failures: list[Failure] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                self._metrics.event(event.type, "retry_later")
+                self._metrics.event(item.event.type, "retry_later")
                 raise outcome
             if outcome is not None:
                 failures.append(outcome)
         if failures:
             await self._dead_letter(record, ids, *failures)
-            self._metrics.event(event.type, "dead_lettered")
+            self._metrics.event(item.event.type, "dead_lettered")
         else:
-            self._metrics.event(event.type, "processed")
+            self._metrics.event(item.event.type, "processed")
 
-    async def _deliver(
-        self, n: Notification, event: ActivityEvent, record: Record, batch: _Batch
-    ) -> Failure | None:
-        kind = n.kind.value
-        ids = {
-            "event_id": event.id,
-            "activity_id": n.activity_id,
-            "ticket_id": n.ticket_id,
-            "kind": kind,
-        }
-        msg_id = message_id(n, self._config.domain)
-        outcome = await self._build(n, record, batch)
-        if isinstance(outcome, NotBuilt):
-            failure = Failure.of(outcome.failure.stage, f"{kind}: {outcome.failure.reason}")
-            return await self._fail(n, msg_id, failure, ids)
-        self._metrics.rendered(outcome.render_seconds)
-        attempt = 0
-        with self._metrics.in_flight():
-            while True:
-                try:
-                    await self._mailer.send(
-                        self._config.envelope_from, n.recipient.email, outcome.data
-                    )
-                    break
-                except PermanentSmtpError as exc:
-                    return await self._fail(
-                        n, msg_id, Failure.of(Stage.SMTP, f"{kind}: {exc}"), ids
-                    )
-                except TransientSmtpError as exc:
-                    self._metrics.notification(kind, "failed_transient")
-                    # The server's reply text may quote the address: log its code only.
-                    log.warning(
-                        "transient smtp failure, retrying",
-                        extra={
-                            **ids,
-                            "outcome": "failed_transient",
-                            "attempt": attempt,
-                            "smtp_code": exc.code,
-                        },
-                    )
-                    await self._backoff(attempt, batch.deadline)
-                    attempt += 1
-        await self._ledger.record(
-            Entry(_key(n), Status.SENT, msg_id, ticket_id=n.ticket_id, event_id=event.id)
-        )
-        batch.sent.add(_key(n))
-        self._metrics.notification(kind, "sent")
-        self._metrics.delivered(event.time)
-        log.info("sent", extra={**ids, "outcome": "sent", "message_id": msg_id})
-        return None
-
-    async def _build(self, n: Notification, record: Record, batch: _Batch) -> Outcome:
-        """The message; a missing attachment is waited for, without rendering again."""
-        try:
-            outcome = await batch.mails.build(n)
-            attempt = 0
-            while isinstance(outcome, NotBuilt) and outcome.missing:
-                # A file may be uploaded just after its event: wait for it, measured from
-                # the record's timestamp so redeliveries do not restart the clock.
-                written = (record.timestamp_ms or 0) / 1000
-                if time.time() - written > self._config.attachment_wait:
-                    break
-                await self._backoff(attempt, batch.deadline)
-                attempt += 1
-                outcome = await batch.mails.rebuild(n, outcome)
-        except WorkerLost:
-            raise RetryLater from None
-        return outcome
-
-    async def _fail(
-        self, n: Notification, msg_id: str, failure: Failure, ids: dict[str, str]
-    ) -> Failure:
-        await self._ledger.record(
-            Entry(
-                _key(n),
-                Status.FAILED,
-                msg_id,
-                ticket_id=n.ticket_id,
-                event_id=ids.get("event_id"),
-                stage=failure.stage,
-                reason=failure.reason,
-            )
-        )
-        self._metrics.notification(n.kind.value, "failed_permanent")
-        log.error(
-            "permanent failure",
-            extra={**ids, "outcome": "failed_permanent", "stage": failure.stage},
-        )
-        return failure
-
-    async def _backoff(self, attempt: int, deadline: float) -> None:
-        """Capped exponential backoff, jittered over its upper half; RetryLater past the budget."""
-        self._metrics.retry()
-        delay = backoff_delay(attempt, self._config.retry_initial, self._config.retry_max)
-        if self._stopping.is_set() or time.monotonic() + delay > deadline:
-            raise RetryLater
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise RetryLater
-
-    async def _dead_letter(self, record: Record, ids: dict[str, str], *failures: Failure) -> None:
-        stage = failures[0].stage
+    async def _dead_letter(self, record: Record, ids: Ids | None, *failures: Failure) -> None:
+        # A record with a throttled mail is dead-lettered as `throttled`, so that
+        # `notifier dlq replay --stage throttled` releases it.
+        stage = next((f.stage for f in failures if f.stage is Stage.THROTTLED), failures[0].stage)
         reason = "; ".join(f.reason for f in failures)[:900]
         await self._dead_letters.send(record, Failure(stage, reason))
-        ticket = record.key.decode("utf-8", "replace") if record.key else ids.get("ticket_id")
+        ticket = record.key.decode("utf-8", "replace") if record.key else None
         await self._ledger.record_dead_letter(
-            DeadLetter(record.where, stage, reason, ticket_id=ticket, event_id=ids.get("event_id"))
+            DeadLetter(
+                record.where,
+                stage.value,
+                reason,
+                ticket_id=ticket or (ids.ticket_id if ids else None),
+                event_id=ids.event_id if ids else None,
+            )
         )
         self._metrics.dead_letter(stage)
         log.error(
             "dead-lettered",
             extra={
-                **ids,
+                **(ids.fields() if ids else {}),
                 "outcome": "dead_lettered",
                 "topic": record.topic,
                 "partition": record.partition,
                 "offset": record.offset,
-                "stage": stage,
+                "stage": stage.value,
             },
         )
+
+
+def _answering(n: Notification, mails: dict[tuple[str, str], dict[str, str]]) -> Notification:
+    """`n`, answering the parent activity's mail to the same recipient if there is one
+    (of the same kind if it got several)."""
+    if not n.parent_activity_id:
+        return n
+    got = mails.get((n.parent_activity_id, key_of(n).recipient), {})
+    parent = got.get(n.kind.value) or next((got[k.value] for k in Kind if k.value in got), None)
+    return replace(n, in_reply_to=parent) if parent != n.in_reply_to else n

@@ -59,6 +59,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         dead_letters=dead_letters,
         metrics=metrics,
     )
+    consumer = BatchConsumer(dispatcher, metrics)
     subscriber = broker.subscriber(
         settings.topic,
         group_id=settings.group_id,
@@ -70,10 +71,11 @@ def create_app(settings: Settings) -> AsgiFastStream:
         auto_offset_reset="earliest",
         max_poll_interval_ms=settings.max_poll_interval_ms,
         session_timeout_ms=settings.session_timeout_ms,
+        listener=consumer.listener,
         title="ticket-activities",
         description="Ticket activity CloudEvents; see docs/asyncapi.yaml for the schema.",
     )
-    consumer = BatchConsumer(subscriber, dispatcher, metrics)
+    consumer.attach(subscriber)
     group = GroupWatch(
         settings.kafka_bootstrap_servers,
         settings.group_id,

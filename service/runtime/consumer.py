@@ -16,13 +16,13 @@ import asyncio
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faststream.kafka.message import FAKE_CONSUMER, KafkaMessage
 from faststream.kafka.subscriber.usecase import BatchSubscriber
 
 from service.delivery.dead_letters import Record, RetryLater
-from service.delivery.dispatch import Dispatcher
+from service.delivery.dispatch import REVOKE_WAIT_SECONDS, Dispatcher, Revoked
 from service.delivery.ledger import LedgerUnavailable
 from service.runtime.metrics import Metrics
 
@@ -46,17 +46,19 @@ def record_of(raw: ConsumerRecord[Any, Any]) -> Record:
 class BatchConsumer:
     """Serves each batch through the dispatcher, then commits it or rewinds it."""
 
-    def __init__(
-        self, subscriber: BatchSubscriber, dispatcher: Dispatcher, metrics: Metrics
-    ) -> None:
-        self._subscriber = subscriber
+    def __init__(self, dispatcher: Dispatcher, metrics: Metrics) -> None:
         self._dispatcher = dispatcher
         self._metrics = metrics
+        self._subscriber: BatchSubscriber | None = None
+
+    def attach(self, subscriber: BatchSubscriber) -> None:
+        """The FastStream subscriber whose batches this handles."""
+        self._subscriber = subscriber
 
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
         """The subscriber's aiokafka consumer, while it runs."""
-        return self._subscriber.consumer
+        return self._subscriber.consumer if self._subscriber is not None else None
 
     async def parse(self, records: tuple[ConsumerRecord[Any, Any], ...], original: Any) -> Any:
         """FastStream parser hook: the batch as it came, bodies and headers left as bytes."""
@@ -78,6 +80,12 @@ class BatchConsumer:
         records = [record_of(r) for r in raw]
         try:
             await self._dispatcher.handle_batch(records)
+        except Revoked:
+            # Partitions moved away mid-batch: what was sent is recorded, the rest is read
+            # again by the new owner (or by us, from the last commit, if they came back).
+            self._metrics.rewind("rebalanced")
+            self._rewind(records)
+            return
         except (RetryLater, LedgerUnavailable):
             # Rewind every partition of the batch; the ledger keeps what was sent.
             self._metrics.rewind("retry_later")
@@ -124,6 +132,11 @@ class BatchConsumer:
             if tp in owned:
                 consumer.seek(tp, offset)
 
+    @property
+    def listener(self) -> ConsumerRebalanceListener:
+        """For the subscriber: tells the dispatcher which partitions it loses."""
+        return _Rebalance(self._dispatcher)
+
     async def measure_lag(self) -> None:
         """Records behind the end of each owned partition, from the last commit."""
         consumer = self.consumer
@@ -144,3 +157,32 @@ class BatchConsumer:
             log.warning("consumer lag not measured", extra={"error": type(exc).__name__})
             return
         self._metrics.lags(behind)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """On a revocation: take no new record of the lost partitions, and give the ones in
+    flight a moment to finish, so the next owner finds them recorded instead of claimed.
+
+    aiokafka waits for this before the group rebalances; nothing is committed here (the
+    batch handler commits only whole batches, and never a partition it lost).
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        partitions = {(tp.topic, tp.partition) for tp in revoked}
+        if not partitions:
+            return
+        self._dispatcher.revoke(partitions)
+        try:
+            async with asyncio.timeout(REVOKE_WAIT_SECONDS):
+                await self._dispatcher.quiesce(partitions)
+        except TimeoutError:
+            log.warning(
+                "records still in flight after a revocation; their claims keep them safe",
+                extra={"partitions": len(partitions)},
+            )
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        pass

@@ -53,8 +53,10 @@ NOTIFICATION_OUTCOMES = (
     "withheld",
     "failed_transient",
     "failed_permanent",
+    "expired",
+    "throttled",
 )
-EVENT_OUTCOMES = ("processed", "dead_lettered", "retry_later")
+EVENT_OUTCOMES = ("processed", "dead_lettered", "retry_later", "expired")
 SMTP_OUTCOMES = ("accepted", "transient", "permanent", "withheld", "error")
 REWIND_REASONS = ("retry_later", "error", "rebalanced")
 

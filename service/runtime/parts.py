@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -10,7 +13,7 @@ from service.core.directory import Directory, DirectoryError, load_directory
 from service.core.render import Renderer, RenderError
 from service.core.routing import RoutingPolicy
 from service.delivery.build import InlineBuilder, MailBuilder, MailFactory, MailSpec
-from service.delivery.dispatch import DeliveryConfig
+from service.delivery.config import DeliveryConfig
 from service.delivery.ledger import LedgerConfig
 from service.delivery.smtp import SmtpConfig
 from service.delivery.workers import PooledBuilder
@@ -100,7 +103,20 @@ def delivery_config(settings: Settings) -> DeliveryConfig:
         retry_max=settings.retry_max_seconds,
         retry_budget=settings.retry_budget_seconds,
         attachment_wait=settings.attachment_wait_seconds,
+        owner=instance_name(),
+        lease_seconds=settings.claim_lease_seconds,
+        recipient_limit=settings.recipient_limit_per_hour,
+        group_id=settings.group_id,
+        history_grace=settings.history_grace_minutes * 60,
+        max_event_age=(
+            settings.max_event_age_hours * 3600 if settings.max_event_age_hours else None
+        ),
     )
+
+
+def instance_name() -> str:
+    """This process among the group's instances, as its claims in the ledger name it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def smtp_config(settings: Settings) -> SmtpConfig:

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=30.0, gt=0)
     retry_budget_seconds: float = Field(default=120.0, gt=0)
 
+    # Several instances (contract section 7): how long a claim on a notification lasts
+    claim_lease_seconds: float = Field(default=60.0, ge=5)
+
     # Safety (contract section 10)
     history_grace_minutes: float = Field(default=60.0, ge=0)
     max_event_age_hours: float | None = Field(default=None, gt=0)
@@ -143,7 +146,12 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _budget_fits_poll_interval(self) -> Settings:
+    def _timeouts_fit_together(self) -> Settings:
+        # A send is checked against its claim's lease at its end, renewed at half time.
+        if self.claim_lease_seconds < 2 * self.smtp_timeout_seconds:
+            raise ValueError(
+                "NOTIFY_CLAIM_LEASE_SECONDS must be at least twice NOTIFY_SMTP_TIMEOUT_SECONDS"
+            )
         # The batch handler retries in process; it must hand control back to the poll
         # loop well before max.poll.interval.ms or the group evicts the consumer.
         if self.retry_budget_seconds * 1000 >= self.max_poll_interval_ms * 0.8:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, NamedTuple, Protocol
 
+from service.core.backoff import backoff_delay
+from service.core.text import one_line as _one_line
 from service.delivery.ledger.errors import (
     LedgerConfigError,
     LedgerError,
@@ -72,10 +73,8 @@ REASON_MAX = 200
 
 
 def one_line(reason: str | None) -> str | None:
-    """A reason as stored: whitespace runs folded to one space, at most REASON_MAX chars."""
-    if reason is None:
-        return None
-    return " ".join(reason.split())[:REASON_MAX]
+    """A reason as stored: one line (core.text.one_line) of at most REASON_MAX chars."""
+    return None if reason is None else _one_line(reason, REASON_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +174,12 @@ class Ledger(Protocol):
         """The keys among `keys` whose mail was accepted by the SMTP server."""
         ...
 
+    async def sent_mails(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        """For (activity id, recipient) pairs: the Message-ID of each kind of mail sent."""
+        ...
+
     async def claim(
         self,
         requests: Sequence[ClaimRequest],
@@ -254,14 +259,14 @@ async def open_when_reachable(ledger: Ledger, *, max_delay: float = 30.0) -> Non
     or schema (LedgerConfigError, LedgerSchemaError) is raised at once.
     """
     log = logging.getLogger("service.delivery.ledger")
-    delay = 0.5
+    attempt = 0
     while True:
         try:
             await ledger.open()
         except LedgerUnavailable as exc:
             log.warning("ledger unreachable at start-up, retrying", extra={"error": str(exc)})
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(max_delay, delay * 2)
+            await asyncio.sleep(backoff_delay(attempt, 0.5, max_delay))
+            attempt += 1
         else:
             return
 

@@ -20,6 +20,11 @@ SENT = (
     f"SELECT d.activity_id, d.kind, d.recipient, d.moment FROM deliveries d JOIN {_KEYS}"
     f" ON {_ON_KEY} WHERE d.status = 'sent'"
 )
+SENT_MAILS = (
+    "SELECT d.activity_id, d.recipient, d.kind, d.message_id FROM deliveries d"
+    " JOIN unnest(%s::text[], %s::text[]) AS k(a, c) ON d.activity_id = k.a"
+    " AND d.recipient = k.c WHERE d.moment = '' AND d.status = 'sent'"
+)
 KEY_ROWS = (
     "SELECT d.activity_id, d.kind, d.recipient, d.moment, d.status, d.owner, d.claimed_until,"
     f" d.at, d.prior_status, d.prior_at FROM deliveries d JOIN {_KEYS} ON {_ON_KEY}"

@@ -42,6 +42,7 @@ from service.delivery.ledger.pgsql import (
     RECENT,
     RELEASE,
     SENT,
+    SENT_MAILS,
     UPSERT_ENTRIES,
     UPSERT_TICKETS,
     classify,
@@ -150,6 +151,21 @@ class PostgresLedger:
         async with self._connection() as conn:
             cur = await conn.execute(SENT, columns(keys, 4))
             return {wanted[tuple(r)] for r in await cur.fetchall() if tuple(r) in wanted}
+
+    async def sent_mails(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        if not pairs:
+            return {}
+        found: dict[tuple[str, str], dict[str, str]] = {}
+        async with self._connection() as conn:
+            cur = await conn.execute(SENT_MAILS, columns(pairs, 2))
+            for activity, recipient, kind, message_id in await cur.fetchall():
+                if message_id:
+                    found.setdefault((str(activity), str(recipient)), {})[str(kind)] = str(
+                        message_id
+                    )
+        return found
 
     async def claim(
         self,

@@ -161,6 +161,26 @@ class SqliteLedger:
             ).fetchone()
         }
 
+    async def sent_mails(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        if not pairs:
+            return {}
+        return await self._run(self._sent_mails, list(pairs))
+
+    def _sent_mails(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, str]]:
+        db = self._db()
+        sql = (
+            "SELECT kind, message_id FROM deliveries WHERE activity_id=? AND recipient=?"
+            " AND moment='' AND status='sent'"
+        )
+        found: dict[tuple[str, str], dict[str, str]] = {}
+        for pair in pairs:
+            for kind, message_id in db.execute(sql, pair):
+                if message_id:
+                    found.setdefault(pair, {})[str(kind)] = str(message_id)
+        return found
+
     async def claim(
         self,
         requests: Sequence[ClaimRequest],
