@@ -22,7 +22,7 @@ from service.delivery.build import InlineBuilder, MailBuilder, MailSpec
 from service.delivery.config import DeliveryConfig
 from service.delivery.dead_letters import Record, RetryLater
 from service.delivery.dispatch import Dispatcher
-from service.delivery.ledger import Key
+from service.delivery.ledger import DeliveryQuery, Key
 from service.delivery.ledger.sqlite import SqliteLedger
 from service.delivery.smtp import PermanentSmtpError, TransientSmtpError
 from service.delivery.workers import PooledBuilder
@@ -258,7 +258,10 @@ async def test_permanent_failure_spares_the_other_recipients(rig: Rig) -> None:
     assert stage == "smtp"
     assert "550" in reason
     assert "alice" not in reason
-    assert await rig.ledger.status(Key("5001", "staff", "alice@helpdesk.test")) is not None
+    [row] = await rig.ledger.deliveries(
+        DeliveryQuery(activity="5001", recipient="alice@helpdesk.test")
+    )
+    assert (row.status, row.stage) == ("failed", "smtp")
 
 
 async def test_transient_failures_are_retried(rig: Rig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from faststream import AckPolicy
@@ -15,7 +16,7 @@ from prometheus_client import make_asgi_app
 
 from service.delivery.dead_letters import KafkaDeadLetters
 from service.delivery.dispatch import Dispatcher
-from service.delivery.ledger import create_ledger, open_when_reachable
+from service.delivery.ledger import LedgerUnavailable, create_ledger, open_when_reachable
 from service.delivery.smtp import SmtpPool
 from service.runtime.consumer import BatchConsumer
 from service.runtime.group import GroupWatch
@@ -29,6 +30,8 @@ from service.runtime.parts import (
 from service.runtime.settings import Settings
 
 log = logging.getLogger("service.runtime.app")
+
+PRUNE_INTERVAL_SECONDS = 3600.0
 
 
 def create_app(settings: Settings) -> AsgiFastStream:
@@ -95,12 +98,27 @@ def create_app(settings: Settings) -> AsgiFastStream:
             await consumer.measure_lag()
             await asyncio.sleep(settings.watch_interval_seconds)
 
+    async def prune() -> None:
+        # Old rows go in small batches, an hour apart, so pruning never holds the ledger
+        # long; every instance may prune (deleting twice is harmless).
+        retention = settings.ledger_retention_days * 86400
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+            try:
+                removed = await ledger.prune(time.time() - retention)
+            except LedgerUnavailable as exc:
+                log.warning("ledger not pruned", extra={"error": type(exc).__name__})
+                continue
+            if removed:
+                log.info("ledger pruned", extra={"rows": removed})
+
     async def start() -> None:
         await builder.start()
         # Waits while the database is unreachable; a bad URL, password or schema stops here.
         await open_when_reachable(ledger)
         await dead_letters.start()
         tasks.append(asyncio.create_task(watch_group()))
+        tasks.append(asyncio.create_task(prune()))
 
     async def stop_consuming() -> None:
         dispatcher.stop()

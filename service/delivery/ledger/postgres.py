@@ -298,17 +298,6 @@ class PostgresLedger:
                     break
         return total
 
-    async def status(self, key: Key) -> tuple[str, str | None] | None:
-        """The recorded status and Message-ID of one notification (for tools and tests)."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT status, message_id FROM deliveries WHERE activity_id=%s AND kind=%s"
-                " AND recipient=%s AND moment=%s",
-                key,
-            )
-            row = await cur.fetchone()
-        return None if row is None else (str(row[0]), row[1])
-
     async def close(self) -> None:
         if self._checking is not None:
             self._checking.cancel()

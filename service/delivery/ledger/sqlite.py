@@ -318,12 +318,6 @@ class SqliteLedger:
                     break
         return total
 
-    async def status(self, key: Key) -> tuple[str, str | None] | None:
-        """The recorded status and Message-ID of one notification (for tools and tests)."""
-        sql = "SELECT status, message_id FROM deliveries WHERE " + KEY_MATCH
-        row = await self._run(lambda: self._db().execute(sql, key).fetchone())
-        return None if row is None else (str(row[0]), row[1])
-
     async def close(self) -> None:
         if self._conn is not None:
             await self._run(self._conn.close)
