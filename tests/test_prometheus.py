@@ -337,6 +337,19 @@ def unsafe_ledger(instance: str) -> dict[str, Any]:
     }
 
 
+def throttling(instance: str, count: str) -> dict[str, Any]:
+    return {
+        "labels": {"severity": "warning", "instance": instance},
+        "annotations": {
+            "summary": f"Mail throttled per recipient on {instance}",
+            "description": f"{count} mail(s) went over the hourly limit to one address in the"
+            " last 15 minutes and wait in the dead-letter topic (stage throttled). Find the"
+            " cause with GET /deliveries?status=throttled, then release them with"
+            " `notifier dlq replay --stage throttled`.",
+        },
+    }
+
+
 def down(instance: str) -> dict[str, Any]:
     return {
         "labels": {"severity": "critical", "instance": instance, "job": "notifier"},
@@ -435,6 +448,38 @@ RULE_TESTS: list[dict[str, Any]] = [
         "alert_rule_test": [
             fires("NotifierUnsafeLedger", "2m30s"),
             fires("NotifierUnsafeLedger", "4m", unsafe_ledger("shared")),
+        ],
+    },
+    {
+        # "loop" throttles 4 mails at minute 3; "quiet" sends many, throttles none.
+        "interval": "1m",
+        "input_series": [
+            series(
+                "notifier_notifications_total",
+                "0 0 0 4x20",
+                instance="loop",
+                kind="customer_content",
+                outcome="throttled",
+            ),
+            series(
+                "notifier_notifications_total",
+                "0x23",
+                instance="quiet",
+                kind="customer_content",
+                outcome="throttled",
+            ),
+            series(
+                "notifier_notifications_total",
+                "0+100x23",
+                instance="quiet",
+                kind="customer_content",
+                outcome="sent",
+            ),
+        ],
+        "alert_rule_test": [
+            fires("NotifierThrottling", "2m"),
+            fires("NotifierThrottling", "5m", throttling("loop", "4")),
+            fires("NotifierThrottling", "20m"),
         ],
     },
 ]
