@@ -1,0 +1,163 @@
+"""Contract section 10 on the real broker: no history storms, no floods, releases once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from devkit.devstack import child_environ, free_port
+from tests.faults.harness import read_topic
+from tests.inprocess import example, service_env
+from tests.service_process import REPO, ServiceProcess
+from tests.support import SmtpRecorder
+
+pytestmark = pytest.mark.integration
+
+DAY_MS = 24 * 3600 * 1000
+
+
+def customer_mail(activity_id: str) -> dict[str, Any]:
+    """One customer_content mail to dana, nothing else (no staff, no suppliers)."""
+    return example(
+        "01-customer-content.json",
+        id=activity_id,
+        activityUsers="",
+        activityDepartments="",
+        standardTicketAttachments="",
+        thisTicketAttachments="",
+        invoiceAttachments="",
+    )
+
+
+async def produce(
+    bootstrap: str, topic: str, events: list[dict[str, Any]], timestamp_ms: int | None = None
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send_and_wait(
+                topic,
+                value=json.dumps(event).encode(),
+                key=event["data"]["activity"]["ticketID"].encode(),
+                headers=[("content-type", b"application/cloudevents+json")],
+                timestamp_ms=timestamp_ms,
+            )
+    finally:
+        await producer.stop()
+
+
+async def dead_letter_stages(bootstrap: str, dlq: str) -> list[str | None]:
+    return [letter.header("x-error-stage") for letter in await read_topic(bootstrap, dlq)]
+
+
+async def settle(smtp: SmtpRecorder, seconds: float = 3.0) -> int:
+    """Wait until no new mail arrived for `seconds`; the count."""
+    count, since = len(smtp.messages), time.monotonic()
+    while time.monotonic() - since < seconds:
+        await asyncio.sleep(0.2)
+        if len(smtp.messages) != count:
+            count, since = len(smtp.messages), time.monotonic()
+    return count
+
+
+def start(env: dict[str, str], tmp_path: Path) -> ServiceProcess:
+    service = ServiceProcess(env, free_port(), log_path=tmp_path / "service.log")
+    service.start(60)
+    return service
+
+
+async def test_a_new_deployment_mails_no_history_and_serves_what_comes_after(
+    kafka_bootstrap: str, topic: str, smtp_server: SmtpRecorder, tmp_path: Path
+) -> None:
+    three_days_ago = int(time.time() * 1000) - 3 * DAY_MS
+    await produce(
+        kafka_bootstrap, topic, [customer_mail(f"old-{i}") for i in range(5)], three_days_ago
+    )
+    env = service_env(tmp_path, bootstrap=kafka_bootstrap, topic=topic, smtp_port=smtp_server.port)
+    service = await asyncio.to_thread(start, env, tmp_path)
+    try:
+        await produce(kafka_bootstrap, topic, [customer_mail("new-1")])
+        await smtp_server.wait_for(1, timeout=30)
+        assert await settle(smtp_server) == 1
+        assert "a.new-1.customer_content" in smtp_server.messages[0].data.decode()
+        metrics = await asyncio.to_thread(service.metrics_text)
+        assert 'kind="customer_content",outcome="expired"} 5.0' in metrics
+        logged = [r for r in service.log_records() if r.get("outcome") == "expired"]
+        assert {r["activity_id"] for r in logged} == {f"old-{i}" for i in range(5)}
+        assert all(r["reason"] == "history" for r in logged)
+    finally:
+        await asyncio.to_thread(service.stop)
+
+
+async def test_an_smtp_outage_longer_than_the_grace_still_delivers(
+    kafka_bootstrap: str, topic: str, smtp_server: SmtpRecorder, tmp_path: Path
+) -> None:
+    env = service_env(
+        tmp_path,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        smtp_port=smtp_server.port,
+        history_grace_minutes=0.05,  # 3 s
+    )
+    service = await asyncio.to_thread(start, env, tmp_path)
+    try:
+        await produce(kafka_bootstrap, topic, [customer_mail("warm-up")])
+        await smtp_server.wait_for(1, timeout=30)  # the group's first start is recorded
+        smtp_server.stop()
+        await produce(kafka_bootstrap, topic, [customer_mail("during-outage")])
+        await asyncio.sleep(6)  # twice the grace window
+        smtp_server.start()
+        await smtp_server.wait_for(2, timeout=60)
+        assert "a.during-outage.customer_content" in smtp_server.messages[1].data.decode()
+    finally:
+        await asyncio.to_thread(service.stop)
+
+
+async def test_a_flood_sends_the_limit_and_a_replay_releases_the_rest_once(
+    kafka_bootstrap: str, topic: str, smtp_server: SmtpRecorder, tmp_path: Path
+) -> None:
+    limit = 10
+    env = service_env(
+        tmp_path,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        smtp_port=smtp_server.port,
+        recipient_limit_per_hour=limit,
+    )
+    service = await asyncio.to_thread(start, env, tmp_path)
+    try:
+        # A producer bug: 40 distinct activities for one customer within a minute.
+        await produce(kafka_bootstrap, topic, [customer_mail(f"loop-{i}") for i in range(40)])
+        await smtp_server.wait_for(limit, timeout=30)
+        assert await settle(smtp_server) == limit
+        dlq = f"{topic}.dlq"
+        stages = await dead_letter_stages(kafka_bootstrap, dlq)
+        assert stages == ["throttled"] * 30
+        # Someone looked; `notifier dlq replay --stage throttled` releases them, once.
+        for _ in range(2):
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "service", "dlq", "replay", "--stage", "throttled"],
+                env=child_environ(env),
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            assert "replayed 30 dead letter(s)" in done.stdout
+        await smtp_server.wait_for(40, timeout=60)
+        assert await settle(smtp_server, 5.0) == 40
+        ids = [m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0] for m in smtp_server.messages]
+        assert len(set(ids)) == 40
+    finally:
+        await asyncio.to_thread(service.stop)
