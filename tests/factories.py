@@ -48,6 +48,24 @@ def _defaults(kind: Kind) -> dict[str, Any]:
             followup_time=dt.time(9, 0),
             listed_attachments=("standard/terms.pdf", "1042/photo.jpg", "invoices/R-77.pdf"),
         )
+    elif kind.reminder:
+        # As reminder_notifications builds them: staff content, the moment, and the due date
+        # shown as the moment in the configured zone (here Europe/Berlin, UTC+01:00).
+        due = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+        base.update(
+            recipient=STAFF,
+            activity_type="E-mail",
+            author="Alice Jones",
+            activity_text="The technician comes on Monday.",
+            update_text="Your ticket is in progress.",
+            comment_text="Customer is on the VIP list.",
+            moment="2026-12-03T08:00:00Z",
+            **(
+                {"followup": due}
+                if kind is Kind.FOLLOWUP_REMINDER
+                else {"action_required": due, "followup": dt.date(2026, 12, 5)}
+            ),
+        )
     elif kind is Kind.SUPPLIER:
         base.update(
             recipient=SUPPLIER,

@@ -37,6 +37,7 @@ def notifier(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         ({"NOTIFY_DIRECTORY_FILE": "/nonexistent/directory.yaml"}, "NOTIFY_DIRECTORY_FILE"),
         ({"NOTIFY_TEMPLATES_DIR": "/nonexistent"}, "NOTIFY_TEMPLATES_DIR"),
         ({"NOTIFY_ATTACHMENTS_DIR": "/nonexistent"}, "NOTIFY_ATTACHMENTS_DIR"),
+        ({"NOTIFY_TIMEZONE": "Mars/Olympus_Mons"}, "NOTIFY_TIMEZONE"),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_line(env: dict[str, str], named: str) -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from service.core.directory import Contact
 from service.core.message import AddressError, Attachment, build_message, message_id, thread_ids
-from service.core.mime import safe_filename, text_body
+from service.core.mime import media_type, safe_filename, text_body
 from service.core.render import RenderedMail
 from service.core.routing import Kind
 from service.core.text import one_line as clean
@@ -403,3 +403,23 @@ def test_arbitrary_names_subjects_and_filenames_stay_in_their_headers(
     assert content(text) == expected_body
     assert attachment.get_filename() == safe_filename(filename)
     assert attachment.get_content() == "data"
+
+
+@pytest.mark.parametrize(
+    ("given", "written"),
+    [
+        ("application/PDF", "application/pdf"),
+        (
+            "text/calendar; charset=utf-8; method=PUBLISH",
+            "text/calendar; charset=utf-8; method=PUBLISH",
+        ),
+        ("Text/Calendar;Charset=UTF-8", "text/calendar; charset=UTF-8"),
+        ("text/calendar;", "application/octet-stream"),
+        ('text/plain; name="a b"', "application/octet-stream"),
+        ("text/plain; x=y\r\nBcc: evil@attacker.test", "application/octet-stream"),
+        ("text/plain\r\n; x=y", "application/octet-stream"),
+        ("text/plain; x=" + "y" * 200, "application/octet-stream"),
+    ],
+)
+def test_media_types_keep_token_parameters_and_nothing_else(given: str, written: str) -> None:
+    assert media_type(given) == written

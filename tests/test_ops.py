@@ -39,7 +39,14 @@ DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "pr
 
 # -- what the service may export -----------------------------------------------------------
 
-KINDS = {"customer_content", "customer_update", "staff", "supplier"}
+KINDS = {
+    "customer_content",
+    "customer_update",
+    "staff",
+    "supplier",
+    "followup_reminder",
+    "action_reminder",
+}
 EVENT_TYPES = {"ticketActivity.created", "ticketActivity.updated", "invalid"}
 EVENT_OUTCOMES = {"processed", "dead_lettered", "retry_later", "expired"}
 NOTIFICATION_OUTCOMES = {

@@ -269,7 +269,7 @@ def test_follow_up_carries_its_parent_activity() -> None:
 def test_comment_text_is_internal_and_appears_only_in_staff_mail() -> None:
     result = route(everything(), DIRECTORY, ALLOW)
     comment = "INTERNAL: goodwill discount approved"
-    assert {n.kind for n in result.notifications} == set(Kind)
+    assert {n.kind for n in result.notifications} == {k for k in Kind if not k.reminder}
     for mail in result.notifications:
         if mail.kind is Kind.STAFF:
             assert mail.comment_text == comment
@@ -421,7 +421,7 @@ def test_at_most_once_per_activity_kind_and_address() -> None:
 
 def test_notification_key_is_activity_kind_and_lowercased_address() -> None:
     [mail] = route(event(activityUsers="bob"), DIRECTORY, ALLOW).notifications
-    assert mail.key == ("5001", "staff", "bob@helpdesk.test")
+    assert mail.key == ("5001", "staff", "bob@helpdesk.test", "")
 
 
 # --- properties ----------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from zoneinfo import ZoneInfo
+
 import pytest
 
 from service.runtime.settings import Settings, SettingsError, load_settings
@@ -127,3 +130,54 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(Exception):
         settings.topic = "other"  # type: ignore[misc]
+
+
+def test_reminder_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "NOTIFY_TIMEZONE",
+        "NOTIFY_REMINDER_DEFAULT_TIME",
+        "NOTIFY_REMINDER_MAX_LATE_HOURS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.timezone == ZoneInfo("UTC")
+    assert settings.reminder_default_time == dt.time(9, 0)
+    assert settings.reminder_max_late == dt.timedelta(hours=24)
+
+
+def test_reminder_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_TIMEZONE", " Europe/Berlin ")
+    monkeypatch.setenv("NOTIFY_REMINDER_DEFAULT_TIME", "07:30")
+    monkeypatch.setenv("NOTIFY_REMINDER_MAX_LATE_HOURS", "0.5")
+    settings = load_settings()
+    assert settings.timezone == ZoneInfo("Europe/Berlin")
+    assert settings.reminder_default_time == dt.time(7, 30)
+    assert settings.reminder_max_late == dt.timedelta(minutes=30)
+    assert load_settings(reminder_max_late_hours=0).reminder_max_late == dt.timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("NOTIFY_TIMEZONE", "Mars/Olympus_Mons", "not an IANA time zone"),
+        ("NOTIFY_TIMEZONE", "Europe", "not an IANA time zone"),
+        ("NOTIFY_TIMEZONE", "../../etc/passwd", "not an IANA time zone"),
+        ("NOTIFY_TIMEZONE", "localtime", "not an IANA time zone"),
+        ("NOTIFY_TIMEZONE", "", "not an IANA time zone"),
+        ("NOTIFY_REMINDER_DEFAULT_TIME", "25:00", "not a time of day"),
+        ("NOTIFY_REMINDER_DEFAULT_TIME", "9am", "not a time of day"),
+        ("NOTIFY_REMINDER_DEFAULT_TIME", "", "not a time of day"),
+        ("NOTIFY_REMINDER_MAX_LATE_HOURS", "-1", "greater than or equal to 0"),
+        ("NOTIFY_REMINDER_MAX_LATE_HOURS", "a day", "valid number"),
+    ],
+)
+def test_bad_reminder_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"{name}: ")
+    assert says in message
+    assert "\n" not in message

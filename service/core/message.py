@@ -82,10 +82,15 @@ def _safe_domain(domain: str) -> str:
 
 
 def message_id(n: Notification, domain: str) -> str:
-    """`<a.{activity}.{kind}.{hash(recipient)}@domain>`: a re-send carries the same id."""
-    activity_id, kind, recipient = n.key
+    """`<a.{activity}.{kind}.{hash(recipient)}@domain>`: a re-send carries the same id.
+
+    A reminder's id also names its moment (`...{kind}.{20261202T080000Z}.{hash}@...`), so a
+    moved reminder is a new mail.
+    """
+    activity_id, kind, recipient, moment = n.key
     digest = hashlib.sha256(recipient.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"<a.{_safe_id(activity_id)}.{kind}.{digest}@{_safe_domain(domain)}>"
+    at = f".{_safe_id(moment.replace('-', '').replace(':', ''))}" if moment else ""
+    return f"<a.{_safe_id(activity_id)}.{kind}{at}.{digest}@{_safe_domain(domain)}>"
 
 
 def thread_ids(n: Notification, domain: str) -> ThreadIds:

@@ -23,8 +23,13 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ATOM = re.compile(_ATEXT)
 _DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 _LOOSE_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
-# RFC 2045 §5.1 token characters, for a media type taken from outside.
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
+# RFC 2045 §5.1 token characters, for a media type taken from outside, with optional
+# `; attribute=token` parameters (e.g. text/calendar's charset and method, RFC 6047 §2.4).
+_TSPECIAL_FREE = r"[A-Za-z0-9!#$&^_.+-]+"
+_MEDIA_TYPE = re.compile(
+    rf"({_TSPECIAL_FREE}/{_TSPECIAL_FREE})((?:[ \t]*;[ \t]*{_TSPECIAL_FREE}={_TSPECIAL_FREE})*)"
+)
+_MEDIA_PARAM = re.compile(rf"({_TSPECIAL_FREE})=({_TSPECIAL_FREE})")
 _ESCAPE_UNIT = re.compile(r"%[0-9A-F]{2}|[^%]")
 _ASCII_BYTES = bytes(range(128))
 # Characters Windows forbids in file names; clients replace them on saving anyway, and
@@ -187,9 +192,15 @@ def address(name: str, display_name: str, addr: str) -> str:
 
 
 def media_type(value: str) -> str:
-    """The media type if it is a plain type/subtype token, else application/octet-stream."""
-    value = value.strip().lower()
-    return value if _MEDIA_TYPE.fullmatch(value) else "application/octet-stream"
+    """The media type if it is a plain type/subtype token with optional token parameters,
+    else application/octet-stream. Type and attribute names are lower-cased; values kept."""
+    match = _MEDIA_TYPE.fullmatch(value.strip()) if len(value) <= 120 else None
+    if match is None:
+        return "application/octet-stream"
+    params = "".join(
+        f"; {name.lower()}={token}" for name, token in _MEDIA_PARAM.findall(match.group(2))
+    )
+    return match.group(1).lower() + params
 
 
 def safe_filename(filename: str) -> str:

@@ -238,8 +238,8 @@ def _context(n: Notification, folder: str, locale: Locale) -> dict[str, Any]:
         "is_followup": bool(n.parent_activity_id),
         "activity_text": n.activity_text,
         "update_text": n.update_text,
-        # Internal: only staff mail may show it, whatever a template asks for.
-        "comment_text": n.comment_text if n.kind is Kind.STAFF else "",
+        # Internal: only staff mail and reminders may show it, whatever a template asks for.
+        "comment_text": n.comment_text if n.kind.internal else "",
         "dates": [(name, format_when(value, None, locale)) for name, value in n.dates],
         "action_required": format_when(n.action_required, n.action_required_time, locale),
         "followup": format_when(n.followup, n.followup_time, locale),
@@ -250,7 +250,7 @@ def _context(n: Notification, folder: str, locale: Locale) -> dict[str, Any]:
 
 def _sample(kind: Kind, locale: str, *, full: bool) -> Notification:
     """A notification shaped like routing's output for `kind`; `full` sets every field."""
-    staff, supplier = kind is Kind.STAFF, kind is Kind.SUPPLIER
+    staff, supplier = kind.internal, kind is Kind.SUPPLIER
     when = datetime(2026, 11, 27, 9, 15, tzinfo=UTC)
     text = "Line one\nLine <two> & {{ 7*7 }}" if full else ""
     dates: tuple[tuple[str, date | datetime], ...] = ()
@@ -270,13 +270,15 @@ def _sample(kind: Kind, locale: str, *, full: bool) -> Notification:
         activity_type="E-mail" if full else None,
         author="Alice Jones" if full else None,
         activity_text=text if kind is not Kind.CUSTOMER_UPDATE else "",
-        update_text=text if kind in (Kind.CUSTOMER_UPDATE, Kind.STAFF) else "",
+        update_text=text if kind is Kind.CUSTOMER_UPDATE or staff else "",
         comment_text=text if staff else "",
         dates=dates,
         action_required=date(2026, 12, 1) if full and (staff or supplier) else None,
         action_required_time=time(14, 30) if full and (staff or supplier) else None,
         followup=date(2026, 12, 2) if full and staff else None,
         followup_time=time(8, 0) if full and staff else None,
+        # A reminder always has its moment; the templates show it as the due date.
+        moment="2026-12-02T08:00:00Z" if kind.reminder else "",
         attachments=("docs/manual.pdf",) if full and not staff else (),
         listed_attachments=("docs/manual.pdf", "inv/R-1.pdf") if full and staff else (),
     )

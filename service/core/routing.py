@@ -26,6 +26,27 @@ class Kind(StrEnum):
     CUSTOMER_UPDATE = "customer_update"
     STAFF = "staff"
     SUPPLIER = "supplier"
+    FOLLOWUP_REMINDER = "followup_reminder"
+    ACTION_REMINDER = "action_reminder"
+
+    @property
+    def reminder(self) -> bool:
+        """Sent when a follow-up or action date comes (contract section 9), not when routed."""
+        return self in (Kind.FOLLOWUP_REMINDER, Kind.ACTION_REMINDER)
+
+    @property
+    def internal(self) -> bool:
+        """Only company staff receive it, so `commentText` may appear in it."""
+        return self is Kind.STAFF or self.reminder
+
+
+@dataclass(frozen=True, slots=True)
+class CalendarEntry:
+    """A reminder date an `.ics` attachment carries: kind, moment (aware) and SEQUENCE."""
+
+    kind: Kind
+    moment: dt.datetime
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +76,17 @@ class Notification:
     # The Message-ID of the parent activity's mail to this recipient, if one went out (the
     # dispatcher finds it in the ledger): a follow-up answers that very mail.
     in_reply_to: str | None = None
+    moment: str = ""  # reminders: the due moment, ISO 8601 UTC (`moment_text`); "" otherwise
+    calendar: tuple[CalendarEntry, ...] = ()  # staff: the dates its .ics attachment carries
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        """At most one mail per (activity id, kind, recipient address)."""
-        return (self.activity_id, self.kind.value, self.recipient.email.lower())
+    def key(self) -> tuple[str, str, str, str]:
+        """At most one mail per (activity id, kind, recipient address, moment).
+
+        The moment is "" except for reminders, so a moved reminder is a new mail while a
+        redelivered one is not.
+        """
+        return (self.activity_id, self.kind.value, self.recipient.email.lower(), self.moment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +121,7 @@ def route(event: ActivityEvent, directory: Directory, policy: RoutingPolicy) -> 
     """Apply the routing policy (contract section 2) to one event."""
     activity = event.data.activity
     unresolved: list[Unresolved] = []
-    blank, customer = _blank(event, directory)
+    blank, customer = ticket_context(event, directory)
     notifications = [
         *_customer_notifications(activity, blank, customer, unresolved),
         *_staff_notifications(activity, blank, directory, unresolved),
@@ -108,7 +135,9 @@ def route(event: ActivityEvent, directory: Directory, policy: RoutingPolicy) -> 
     return RoutingResult(tuple(notifications), tuple(withheld), tuple(dict.fromkeys(unresolved)))
 
 
-def _blank(event: ActivityEvent, directory: Directory) -> tuple[Notification, Customer | None]:
+def ticket_context(
+    event: ActivityEvent, directory: Directory
+) -> tuple[Notification, Customer | None]:
     """A notification with the ticket facts every kind shares, and no content; plus the customer.
 
     Ticket context comes from the event, field by field falling back to the directory.
@@ -162,6 +191,20 @@ def _customer_notifications(
 def _staff_notifications(
     activity: Activity, blank: Notification, directory: Directory, unresolved: list[Unresolved]
 ) -> list[Notification]:
+    content = staff_content(activity, blank, directory)
+    recipients = staff_recipients(activity, directory, unresolved, with_author=False)
+    return [replace(content, recipient=r) for r in recipients]
+
+
+def staff_recipients(
+    activity: Activity, directory: Directory, unresolved: list[Unresolved], *, with_author: bool
+) -> list[Contact]:
+    """The staff an activity reaches through activityDepartments and activityUsers, one
+    contact per address, in order; unknown tokens go to `unresolved`.
+
+    Staff mail leaves the author (activityUser) out: nobody is told of their own activity.
+    Reminders (`with_author`) put the author first, when the directory knows them.
+    """
     recipients = [
         *_resolve(
             "activityDepartments", activity.activity_departments, directory.department, unresolved
@@ -169,8 +212,16 @@ def _staff_notifications(
         *_resolve("activityUsers", activity.activity_users, directory.user, unresolved),
     ]
     author = directory.user(activity.activity_user) if activity.activity_user else None
+    if with_author:
+        return _by_address([author, *recipients] if author else recipients)
     is_author = _AuthorMatcher(activity.activity_user, author)
-    content = replace(
+    return [r for r in _by_address(recipients) if not is_author(r)]
+
+
+def staff_content(activity: Activity, blank: Notification, directory: Directory) -> Notification:
+    """A staff notification of `activity` without its recipient: every field staff may see."""
+    author = directory.user(activity.activity_user) if activity.activity_user else None
+    return replace(
         blank,
         kind=Kind.STAFF,
         activity_type=activity.ticket_activity_type,
@@ -191,7 +242,6 @@ def _staff_notifications(
             activity.invoice_attachments,
         ),
     )
-    return [replace(content, recipient=r) for r in _by_address(recipients) if not is_author(r)]
 
 
 def _supplier_notifications(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import sys
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.fields import parse_time
 from service.delivery.ledger.errors import LedgerConfigError
 from service.delivery.ledger.url import parse_ledger_url
 
@@ -95,6 +98,11 @@ class Settings(BaseSettings):
     max_event_age_hours: float | None = Field(default=None, gt=0)
     recipient_limit_per_hour: int = Field(default=30, ge=0)
 
+    # Reminders (contract section 9)
+    timezone: ZoneInfo = ZoneInfo("UTC")  # IANA zone of times that carry none
+    reminder_default_time: dt.time = dt.time(9, 0)  # the time of a date without one
+    reminder_max_late_hours: float = Field(default=24.0, ge=0)
+
     # Operations
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
@@ -140,6 +148,28 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("timezone", mode="before")
+    @classmethod
+    def _zone(cls, value: object) -> object:
+        if isinstance(value, ZoneInfo):
+            return value
+        text = str(value).strip()
+        # "localtime" and "posixrules" are files beside the zones, not IANA names.
+        if text not in {"localtime", "posixrules"}:
+            try:
+                return ZoneInfo(text)
+            except (ZoneInfoNotFoundError, ValueError, OSError):
+                pass
+        raise ValueError(f"not an IANA time zone (e.g. Europe/Berlin): {text[:40]!r}")
+
+    @field_validator("reminder_default_time", mode="before")
+    @classmethod
+    def _time_of_day(cls, value: object) -> object:
+        at = parse_time(value) if isinstance(value, str | dt.time) else None
+        if at is None:
+            raise ValueError(f"not a time of day (HH:MM): {str(value)[:40]!r}")
+        return at
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -159,6 +189,11 @@ class Settings(BaseSettings):
                 "NOTIFY_RETRY_BUDGET_SECONDS must stay below 80% of NOTIFY_MAX_POLL_INTERVAL_MS"
             )
         return self
+
+    @property
+    def reminder_max_late(self) -> dt.timedelta:
+        """NOTIFY_REMINDER_MAX_LATE_HOURS as a duration."""
+        return dt.timedelta(hours=self.reminder_max_late_hours)
 
     @property
     def envelope_from(self) -> str:

@@ -1,0 +1,107 @@
+"""iCalendar (`.ics`, RFC 5545) attachments for staff mail: one event per reminder date."""
+
+from __future__ import annotations
+
+import datetime as dt
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from icalendar import Alarm, Calendar, Event, Timezone
+
+from service.core.message import Attachment
+from service.core.routing import CalendarEntry, Kind, Notification
+
+CONTENT_TYPE = "text/calendar; charset=utf-8; method=PUBLISH"
+PRODID = "-//ticket-notifier//reminders//EN"
+# A reminder is a point in time; calendars show a short slot rather than a zero-length one.
+SLOT = dt.timedelta(minutes=30)
+_UTC_KEYS = frozenset({"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu"})
+# The UID's first part per kind: stable per (activity, kind), so a moved date updates the
+# entry already in the recipient's calendar instead of adding a second one.
+_UID_PREFIX = {Kind.FOLLOWUP_REMINDER: "followup", Kind.ACTION_REMINDER: "action"}
+_SUMMARY = {
+    "en": {Kind.FOLLOWUP_REMINDER: "Follow-up due", Kind.ACTION_REMINDER: "Action required"},
+    "de": {Kind.FOLLOWUP_REMINDER: "Wiedervorlage", Kind.ACTION_REMINDER: "Handlungsbedarf"},
+}
+
+
+def calendar_uid(kind: Kind, activity_id: str, domain: str) -> str:
+    """`followup.{activity}@{domain}` or `action.{activity}@{domain}`."""
+    return f"{_UID_PREFIX[kind]}.{activity_id}@{domain}"
+
+
+def calendar_attachment(
+    n: Notification, *, zone: dt.tzinfo, domain: str, stamp: dt.datetime
+) -> Attachment | None:
+    """The `.ics` file for `n.calendar` (None when it is empty), METHOD:PUBLISH.
+
+    Each entry becomes a VEVENT with a stable UID, the caller's SEQUENCE and DTSTART in
+    `zone` with its VTIMEZONE (in UTC when `zone` is UTC, or when the local time occurs
+    twice and this is its second occurrence, which a TZID form cannot name). The SUMMARY
+    holds the ticket reference and subject and what is due; never any activity text.
+    `stamp` (DTSTAMP) is when the file is made: the caller's clock, not read here.
+    """
+    if not n.calendar:
+        return None
+    calendar = Calendar()
+    calendar.add("prodid", PRODID)
+    calendar.add("version", "2.0")
+    calendar.add("method", "PUBLISH")
+    starts = [_start(entry.moment, zone) for entry in n.calendar]
+    if isinstance(zone, ZoneInfo) and any(start.tzinfo is zone for start in starts):
+        years = [start.year for start in starts]
+        calendar.add_component(_vtimezone(zone, min(years), max(years)))
+    labels = _SUMMARY.get(n.recipient.locale.split("-")[0].split("_")[0].lower(), _SUMMARY["en"])
+    for entry, start in zip(n.calendar, starts, strict=True):
+        calendar.add_component(_event(n, entry, start, labels[entry.kind], domain, stamp))
+    name = f"{n.ticket_reference or n.ticket_id}.ics"
+    return Attachment(name, CONTENT_TYPE, calendar.to_ical())
+
+
+def _start(moment: dt.datetime, zone: dt.tzinfo) -> dt.datetime:
+    """DTSTART: local to `zone` when a TZID form names exactly this instant, else UTC."""
+    utc = moment.astimezone(dt.UTC)
+    if not isinstance(zone, ZoneInfo) or zone.key in _UTC_KEYS:
+        return utc
+    local = utc.astimezone(zone)
+    # RFC 5545 §3.3.5 reads a repeated local time as its first occurrence.
+    if local.replace(fold=0).astimezone(dt.UTC) != utc:
+        return utc
+    return local
+
+
+def _event(
+    n: Notification,
+    entry: CalendarEntry,
+    start: dt.datetime,
+    label: str,
+    domain: str,
+    stamp: dt.datetime,
+) -> Event:
+    summary = f"{label}: [{n.ticket_reference or n.ticket_id}] {n.ticket_subject}".strip()
+    event = Event()
+    event.add("uid", calendar_uid(entry.kind, n.activity_id, domain))
+    event.add("sequence", entry.sequence)
+    event.add("dtstamp", stamp.astimezone(dt.UTC))
+    event.add("dtstart", start)
+    # DURATION, not DTEND: a wall-clock end could fall into a DST change and read wrongly.
+    event.add("duration", SLOT)
+    event.add("summary", summary)
+    event.add("transp", "TRANSPARENT")  # a reminder, not a meeting: it blocks no time
+    alarm = Alarm()
+    alarm.add("action", "DISPLAY")
+    alarm.add("description", summary)
+    alarm.add("trigger", dt.timedelta(0))
+    event.add_component(alarm)
+    return event
+
+
+@lru_cache(maxsize=32)
+def _vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> Timezone:
+    """The VTIMEZONE of `zone` over the years the events fall in (built once, then reused)."""
+    return Timezone.from_tzinfo(
+        zone,
+        tzid=zone.key,
+        first_date=dt.date(first_year, 1, 1),
+        last_date=dt.date(last_year + 1, 1, 1),
+    )
