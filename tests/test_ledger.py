@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from service.delivery.ledger import (
     Entry,
     Key,
     Ledger,
+    ReminderRow,
     Status,
 )
 from tests.ledger_support import BACKENDS, backend_url, key, opened, run_sql
@@ -273,3 +275,59 @@ async def test_sent_mails_name_what_each_recipient_got_of_an_activity(ledger: Le
         ("7", "alice@helpdesk.test"): {"staff": "<a.7.st@x>"},
     }
     assert await ledger.sent_mails([]) == {}
+
+
+def reminder(
+    activity: str, moment: float, *, kind: str = "followup_reminder", state: str = "scheduled"
+) -> ReminderRow:
+    return ReminderRow(activity, kind, "1042", moment, 0, state, moment - 100, '{"event": 1}')
+
+
+async def test_reminders_are_stored_read_and_moved(ledger: Ledger) -> None:
+    now = time.time()
+    await ledger.store_reminders([reminder("r1", now + 60), reminder("r2", now + 30)])
+    assert await ledger.next_reminder_due() == pytest.approx(now + 30)
+    moved = dataclasses.replace(reminder("r2", now + 90), sequence=1)
+    await ledger.store_reminders([moved])
+    assert await ledger.next_reminder_due() == pytest.approx(now + 60)
+    assert sorted(await ledger.reminders_of(["r1", "r2", "r3"]), key=lambda r: r.activity_id) == [
+        reminder("r1", now + 60),
+        moved,
+    ]
+    await ledger.store_reminders([dataclasses.replace(moved, state="cancelled", payload=None)])
+    await ledger.store_reminders([dataclasses.replace(reminder("r1", now + 60), state="cancelled")])
+    assert await ledger.next_reminder_due() is None
+
+
+async def test_a_due_reminder_is_taken_once_until_its_lease_ends(url: str) -> None:
+    one, two = await opened(url), await opened(url)
+    try:
+        now = time.time()
+        await one.store_reminders(
+            [reminder(f"d{i}", now - 1) for i in range(20)] + [reminder("later", now + 3600)]
+        )
+        first, second = await asyncio.gather(
+            one.take_due_reminders("one", 0.5, 50), two.take_due_reminders("two", 0.5, 50)
+        )
+        taken = [r.activity_id for r in first + second]
+        assert sorted(taken) == sorted(f"d{i}" for i in range(20))  # each once, "later" not
+        assert await one.take_due_reminders("one", 0.5, 50) == []  # held
+        await asyncio.sleep(0.7)
+        again = await two.take_due_reminders("two", 30, 50)  # the leases ended
+        assert len(again) == 20
+        # Finishing marks it sent; one moved meanwhile stays scheduled, at its new moment.
+        assert await two.finish_reminder(again[0], "sent")
+        moved = dataclasses.replace(again[1], moment=now + 600, sequence=1)
+        await one.store_reminders([moved])
+        assert not await two.finish_reminder(again[1], "sent")
+        rows = {
+            r.activity_id: r
+            for r in await one.reminders_of([again[0].activity_id, again[1].activity_id])
+        }
+        assert rows[again[0].activity_id].state == "sent"
+        assert rows[again[0].activity_id].payload is None
+        assert rows[again[1].activity_id].state == "scheduled"
+        assert rows[again[1].activity_id].moment == pytest.approx(now + 600)
+    finally:
+        await one.close()
+        await two.close()

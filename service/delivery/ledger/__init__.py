@@ -141,6 +141,24 @@ class DeliveryQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class ReminderRow:
+    """One activity's reminder of one kind, as stored (times in epoch seconds).
+
+    `payload` is the newest event (its JSON text) while the reminder is scheduled: the
+    reminder's mail is rendered from it when the moment comes; it is cleared afterwards.
+    """
+
+    activity_id: str
+    kind: str
+    ticket_id: str | None
+    moment: float
+    sequence: int
+    state: str
+    version: float
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerConfig:
     """How to open a ledger (from the NOTIFY_LEDGER_* settings)."""
 
@@ -231,6 +249,31 @@ class Ledger(Protocol):
         in transactions of at most `batch_size` rows each; the number deleted."""
         ...
 
+    async def reminders_of(self, activity_ids: Sequence[str]) -> list[ReminderRow]:
+        """The stored reminders of these activities."""
+        ...
+
+    async def store_reminders(self, rows: Sequence[ReminderRow]) -> None:
+        """Write these reminders (insert or replace), in one transaction, durably."""
+        ...
+
+    async def next_reminder_due(self) -> float | None:
+        """The earliest moment of a scheduled reminder, if any."""
+        ...
+
+    async def take_due_reminders(
+        self, owner: str, lease_seconds: float, limit: int
+    ) -> list[ReminderRow]:
+        """Scheduled reminders whose moment has come and that nobody holds, now held by
+        `owner` for `lease_seconds`: each is taken by one instance only (PostgreSQL:
+        FOR UPDATE SKIP LOCKED), and taken again by anyone once its lease ends."""
+        ...
+
+    async def finish_reminder(self, row: ReminderRow, state: str) -> bool:
+        """Mark a taken reminder sent (or failed), unless an event moved or cancelled it
+        meanwhile; its payload goes. Whether it was still the reminder taken."""
+        ...
+
 
 def create_ledger(url: str | LedgerUrl, config: LedgerConfig | None = None) -> Ledger:
     """The ledger NOTIFY_LEDGER_URL names, not yet opened; LedgerConfigError if malformed."""
@@ -286,6 +329,7 @@ __all__ = [
     "LedgerSchemaError",
     "LedgerUnavailable",
     "LedgerUrl",
+    "ReminderRow",
     "Status",
     "Where",
     "create_ledger",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from service.delivery.ledger import (
     Entry,
     Key,
     LedgerConfig,
+    ReminderRow,
     Where,
     one_line,
 )
@@ -48,6 +50,14 @@ from service.delivery.ledger.pgsql import (
     classify,
     columns,
     pg,
+)
+from service.delivery.ledger.reminders import (
+    FINISH_REMINDER,
+    REMINDER_COLUMNS,
+    UPSERT_REMINDER,
+    finish_params,
+    reminder_of,
+    reminder_params,
 )
 from service.delivery.ledger.rows import (
     PRUNE,
@@ -297,6 +307,54 @@ class PostgresLedger:
                 if done < batch_size:
                     break
         return total
+
+    async def reminders_of(self, activity_ids: Sequence[str]) -> list[ReminderRow]:
+        if not activity_ids:
+            return []
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE activity_id = ANY(%s::text[])",
+                [list(activity_ids)],
+            )
+            return [reminder_of(r) for r in await cur.fetchall()]
+
+    async def store_reminders(self, rows: Sequence[ReminderRow]) -> None:
+        if not rows:
+            return
+        async with self._connection() as conn:
+            now_row = await (await conn.execute(f"SELECT {NOW}")).fetchone()
+            now = float(now_row[0]) if now_row else time.time()
+            async with conn.cursor() as cur:
+                await cur.executemany(pg(UPSERT_REMINDER), [reminder_params(r, now) for r in rows])
+
+    async def next_reminder_due(self) -> float | None:
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT min(moment) FROM reminders WHERE state='scheduled'")
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def take_due_reminders(
+        self, owner: str, lease_seconds: float, limit: int
+    ) -> list[ReminderRow]:
+        async with self._connection() as conn:
+            # SKIP LOCKED: instances polling at once each take different rows, none waits.
+            cur = await conn.execute(
+                f"UPDATE reminders r SET owner = %s, claimed_until = {NOW} + %s FROM ("
+                "SELECT activity_id, kind FROM reminders WHERE state = 'scheduled'"
+                f" AND moment <= {NOW} AND (claimed_until IS NULL OR claimed_until < {NOW})"
+                " ORDER BY moment LIMIT %s FOR UPDATE SKIP LOCKED) AS due"
+                " WHERE r.activity_id = due.activity_id AND r.kind = due.kind"
+                f" RETURNING {', '.join('r.' + c.strip() for c in REMINDER_COLUMNS.split(','))}",
+                (owner, lease_seconds, limit),
+            )
+            return sorted((reminder_of(r) for r in await cur.fetchall()), key=lambda r: r.moment)
+
+    async def finish_reminder(self, row: ReminderRow, state: str) -> bool:
+        async with self._connection() as conn:
+            now_row = await (await conn.execute(f"SELECT {NOW}")).fetchone()
+            now = float(now_row[0]) if now_row else time.time()
+            cur = await conn.execute(pg(FINISH_REMINDER), finish_params(row, state, now))
+            return cur.rowcount > 0
 
     async def close(self) -> None:
         if self._checking is not None:

@@ -19,12 +19,21 @@ from service.delivery.ledger import (
     Entry,
     Key,
     LedgerConfig,
+    ReminderRow,
     Where,
 )
 from service.delivery.ledger.claims import COUNTED, WINDOW_SECONDS, Row, decide
 from service.delivery.ledger.commit import GroupCommit
 from service.delivery.ledger.errors import LedgerConfigError, LedgerUnavailable
 from service.delivery.ledger.migrate import ensure_schema, schema_engine
+from service.delivery.ledger.reminders import (
+    FINISH_REMINDER,
+    REMINDER_COLUMNS,
+    UPSERT_REMINDER,
+    finish_params,
+    reminder_of,
+    reminder_params,
+)
 from service.delivery.ledger.rows import (
     KEY_MATCH,
     PRUNE,
@@ -317,6 +326,58 @@ class SqliteLedger:
                 if done < batch_size:
                     break
         return total
+
+    async def reminders_of(self, activity_ids: Sequence[str]) -> list[ReminderRow]:
+        if not activity_ids:
+            return []
+
+        def read() -> list[ReminderRow]:
+            sql = f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE activity_id=?"
+            db = self._db()
+            return [reminder_of(r) for a in activity_ids for r in db.execute(sql, (a,))]
+
+        return await self._run(read)
+
+    async def store_reminders(self, rows: Sequence[ReminderRow]) -> None:
+        if not rows:
+            return
+        now = time.time()
+        params = [reminder_params(r, now) for r in rows]
+        await self._run(self._transaction, lambda db: db.executemany(UPSERT_REMINDER, params))
+
+    async def next_reminder_due(self) -> float | None:
+        sql = "SELECT min(moment) FROM reminders WHERE state='scheduled'"
+        row = await self._run(lambda: self._db().execute(sql).fetchone())
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def take_due_reminders(
+        self, owner: str, lease_seconds: float, limit: int
+    ) -> list[ReminderRow]:
+        def take(db: sqlite3.Connection) -> list[ReminderRow]:
+            now = time.time()
+            due = [
+                reminder_of(r)
+                for r in db.execute(
+                    f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE state='scheduled'"
+                    " AND moment <= ? AND (claimed_until IS NULL OR claimed_until < ?)"
+                    " ORDER BY moment LIMIT ?",
+                    (now, now, limit),
+                )
+            ]
+            db.executemany(
+                "UPDATE reminders SET owner=?, claimed_until=? WHERE activity_id=? AND kind=?",
+                [(owner, now + lease_seconds, r.activity_id, r.kind) for r in due],
+            )
+            return due
+
+        return await self._run(self._transaction, take)
+
+    async def finish_reminder(self, row: ReminderRow, state: str) -> bool:
+        def finish(db: sqlite3.Connection) -> bool:
+            done = db.execute(FINISH_REMINDER, finish_params(row, state, time.time()))
+            return done.rowcount > 0
+
+        return await self._run(self._transaction, finish)
 
     async def close(self) -> None:
         if self._conn is not None:

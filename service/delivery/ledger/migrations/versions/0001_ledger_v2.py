@@ -92,6 +92,9 @@ def upgrade() -> None:
         sa.Column("sequence", sa.Integer, nullable=False, server_default="0"),
         sa.Column("state", sa.Text, nullable=False),
         sa.Column("payload", sa.Text),
+        sa.Column("version", EPOCH, nullable=False, server_default="0"),
+        sa.Column("owner", sa.Text),
+        sa.Column("claimed_until", EPOCH),
         sa.Column("updated_at", EPOCH, nullable=False),
         sa.PrimaryKeyConstraint("activity_id", "kind"),
     )
