@@ -17,6 +17,7 @@ A missing attachment may still be uploaded: its `NotBuilt` keeps the rendered ma
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from service.core.calendar import calendar_attachment
 from service.core.failures import Failure, Stage
 from service.core.message import Attachment, build_message
 from service.core.mime import AddressError
@@ -74,6 +76,7 @@ class MailSpec:
     sender: str
     reply_to: str | None
     domain: str
+    zone: dt.tzinfo = dt.UTC  # NOTIFY_TIMEZONE, for the .ics of staff mail
 
     def store(self) -> DirectoryAttachmentStore:
         return DirectoryAttachmentStore(
@@ -123,6 +126,12 @@ class MailFactory:
         render_seconds: float,
         attachments: Sequence[Attachment],
     ) -> Outcome:
+        date = datetime.now(UTC)
+        calendar = calendar_attachment(
+            n, zone=self._spec.zone, domain=self._spec.domain, stamp=date
+        )
+        if calendar is not None:
+            attachments = [*attachments, calendar]
         try:
             data = build_message(
                 n,
@@ -131,7 +140,7 @@ class MailFactory:
                 reply_to=self._spec.reply_to,
                 domain=self._spec.domain,
                 attachments=attachments,
-                date=datetime.now(UTC),
+                date=date,
             )
         except AddressError as exc:
             return NotBuilt(Failure.of(Stage.ADDRESS, str(exc)))

@@ -6,19 +6,21 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from service.core.directory import Directory
-from service.core.events import ActivityEvent, InvalidEvent, parse_event
+from service.core.events import InvalidEvent, parse_event
 from service.core.failures import Failure, Stage
 from service.core.history import HistoryGuard
-from service.core.routing import Kind, Notification, RoutingResult, route
+from service.core.routing import route
+from service.delivery.batches import BatchOpener, Routed, answering
 from service.delivery.build import MailBuilder
 from service.delivery.config import DeliveryConfig
 from service.delivery.dead_letters import DeadLetterSink, Record, RetryLater
-from service.delivery.ledger import Claim, ClaimRequest, DeadLetter, Key, Ledger
-from service.delivery.outcomes import Ids, Outcomes, key_of
+from service.delivery.ledger import DeadLetter, Ledger, ReminderRow
+from service.delivery.outcomes import Ids, Outcomes
+from service.delivery.reminding import Planning, ReminderConfig, Reminding
 from service.delivery.sending import Batch, Sender
 from service.delivery.smtp import Mailer
 from service.runtime.metrics import Metrics
@@ -39,17 +41,6 @@ class Revoked(RetryLater):
     """The batch's partitions moved to another instance: stop, commit nothing, lose nothing."""
 
 
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """A record that parsed, with what routing made of it."""
-
-    event: ActivityEvent
-    result: RoutingResult
-    ids: Ids
-    expired: str | None = None  # why it mails nobody (history, too old), if so
-    released: bool = False  # replayed from the `throttled` dead letters
-
-
 class Dispatcher:
     """Validate → route → claim → build → send → record, for each record of a batch."""
 
@@ -63,6 +54,7 @@ class Dispatcher:
         mailer: Mailer,
         dead_letters: DeadLetterSink,
         metrics: Metrics,
+        reminders: ReminderConfig | None = None,
     ) -> None:
         self._config = config
         self._directory = directory
@@ -71,6 +63,10 @@ class Dispatcher:
         self._dead_letters = dead_letters
         self._metrics = metrics
         self._outcomes = Outcomes(ledger, metrics)
+        self._opener = BatchOpener(config, ledger, builder)
+        self._reminding = Reminding(reminders or ReminderConfig(), ledger, directory, metrics)
+        self.on_scheduled: Callable[[float], None] = lambda moment: None
+        """Told the nearest moment of each batch's newly scheduled reminders."""
         self._stopping = asyncio.Event()
         self._sender = Sender(config, ledger, mailer, self._outcomes, metrics, self._stopping)
         self._guard: HistoryGuard | None = None
@@ -109,29 +105,9 @@ class Dispatcher:
         guard = await self._history_guard()
         now = time.time()
         routed = {r.where: self._route(r, guard, now) for r in pending}
+        routed.update(await self._plan_reminders(pending, routed, now))
         live = [item for item in routed.values() if isinstance(item, Routed) and not item.expired]
-        keys = [key_of(n) for item in live for n in item.result.notifications]
-        sent = await self._ledger.sent(keys)
-        parents = await self._parent_mails(live, sent)
-        unsent = [
-            _answering(n, parents)
-            for item in live
-            for n in item.result.notifications
-            if key_of(n) not in sent
-        ]
-        claims, claimed_at = await self._claim(live, sent)
-        await self._record_tickets(live)
-        batch = Batch(
-            sent=sent,
-            claims=claims,
-            leases=dict.fromkeys(
-                (k for k, c in claims.items() if c is Claim.WON),
-                claimed_at + self._config.lease_seconds,
-            ),
-            deadline=time.monotonic() + self._config.retry_budget,
-            mails=self._builder.batch(unsent),
-            parent_mails=parents,
-        )
+        batch = await self._opener.open(live)
         groups: dict[tuple[int, bytes | None], list[Record]] = defaultdict(list)
         for record in pending:
             groups[(record.partition, record.key)].append(record)
@@ -160,14 +136,74 @@ class Dispatcher:
                 *(serve(group) for group in groups.values()), return_exceptions=True
             )
         finally:
-            await batch.mails.close()
-            await self._release(batch)
+            await self._opener.close(batch)
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
             if not isinstance(error, RetryLater):
                 raise error
         if errors:
             raise errors[0]
+
+    async def _plan_reminders(
+        self,
+        pending: list[Record],
+        routed: dict[tuple[str, int, int], Routed | InvalidEvent],
+        now: float,
+    ) -> dict[tuple[str, int, int], Routed | InvalidEvent]:
+        """Schedule, move or cancel the batch's reminders, stored before anything is served
+        (so before any offset is committed); staff mail gets its .ics entries."""
+        items = [
+            Planning(i, item.event, item.result, _written(record))
+            for i, record in enumerate(pending)
+            if isinstance(item := routed[record.where], Routed) and not item.expired
+        ]
+        plan = await self._reminding.plan(items, now)
+        await self._reminding.store(plan)
+        if plan.earliest is not None:
+            self.on_scheduled(plan.earliest)
+        changed: dict[tuple[str, int, int], Routed | InvalidEvent] = {}
+        for i, record in enumerate(pending):
+            item = routed[record.where]
+            if not isinstance(item, Routed):
+                continue
+            if i not in plan.notifications and i not in plan.expired:
+                continue
+            result = item.result
+            if i in plan.notifications:
+                result = replace(result, notifications=plan.notifications[i])
+            changed[record.where] = replace(
+                item, result=result, late_reminders=tuple(plan.expired.get(i, ()))
+            )
+        return changed
+
+    async def send_reminders(self, rows: list[ReminderRow]) -> None:
+        """Due reminders this instance took: their mails, through the same path as events."""
+        due: list[tuple[ReminderRow, Record, Routed]] = []
+        for row in rows:
+            try:
+                event, result, record = self._reminding.due(row)
+            except InvalidEvent:
+                await self._ledger.finish_reminder(row, "failed")
+                self._metrics.reminder("failed")
+                log.error("reminder event unreadable", extra={"activity_id": row.activity_id})
+                continue
+            activity = event.data.activity
+            ids = Ids(event.id, activity.id, activity.ticket_id, event.time)
+            due.append((row, record, Routed(event, result, ids)))
+        if not due:
+            return
+        batch = await self._opener.open([routed for _, _, routed in due])
+        try:
+            for row, record, routed in due:
+                try:
+                    failed = await self._serve(record, routed, batch, count_event=False)
+                except RetryLater:
+                    continue  # taken again by anyone once its lease ends
+                state = "failed" if failed else "sent"
+                if await self._ledger.finish_reminder(row, state):
+                    self._metrics.reminder(state)
+        finally:
+            await self._opener.close(batch)
 
     async def _history_guard(self) -> HistoryGuard:
         """The group's first start on this ledger, asked once (section 10)."""
@@ -185,7 +221,7 @@ class Dispatcher:
             return exc
         activity = event.data.activity
         ids = Ids(event.id, activity.id, activity.ticket_id, event.time)
-        written = record.timestamp_ms / 1000 if record.timestamp_ms is not None else None
+        written = _written(record)
         released = dict(record.headers).get(REPLAYED_STAGE) == Stage.THROTTLED.value.encode()
         return Routed(
             event,
@@ -195,74 +231,29 @@ class Dispatcher:
             released=released,
         )
 
-    async def _parent_mails(
-        self, live: list[Routed], sent: set[Key]
-    ) -> dict[tuple[str, str], dict[str, str]]:
-        """What the parents of the batch's follow-ups mailed to the same recipients."""
-        pairs = {
-            (n.parent_activity_id, key_of(n).recipient)
-            for item in live
-            for n in item.result.notifications
-            if n.parent_activity_id and key_of(n) not in sent
-        }
-        return await self._ledger.sent_mails(sorted(pairs)) if pairs else {}
-
-    async def _claim(self, live: list[Routed], sent: set[Key]) -> tuple[dict[Key, Claim], float]:
-        """Claim the batch's unsent keys in one transaction; the claims and when they began."""
-        requests: dict[Key, ClaimRequest] = {}
-        for item in live:
-            for n in item.result.notifications:
-                key = key_of(n)
-                if key not in sent and key not in requests:
-                    requests[key] = ClaimRequest(
-                        key, n.ticket_id, item.ids.event_id, bypass_limit=item.released
-                    )
-        started = time.monotonic()  # before the request: the local lease ends no later
-        claims = await self._ledger.claim(
-            list(requests.values()),
-            self._config.owner,
-            self._config.lease_seconds,
-            self._config.recipient_limit,
-        )
-        return claims, started
-
-    async def _record_tickets(self, live: list[Routed]) -> None:
-        """Ticket references, so the audit finds a ticket by them."""
-        references = {
-            n.ticket_id: n.ticket_reference
-            for item in live
-            for n in (*item.result.notifications, *item.result.withheld)
-            if n.ticket_reference
-        }
-        await asyncio.gather(
-            *(self._ledger.record_ticket(t, r) for t, r in sorted(references.items()))
-        )
-
-    async def _release(self, batch: Batch) -> None:
-        """Give back the claims this batch won and did not finish (a rewind, a revocation)."""
-        unfinished = [k for k in batch.leases if k not in batch.finished]
-        if unfinished:
-            await self._ledger.release(unfinished, self._config.owner)
-
-    async def _serve(self, record: Record, item: Routed | InvalidEvent, batch: Batch) -> None:
-        """Serve one record; returns when it may be committed."""
+    async def _serve(
+        self, record: Record, item: Routed | InvalidEvent, batch: Batch, *, count_event: bool = True
+    ) -> bool:
+        """Serve one record; returns, once it may be committed, whether it was dead-lettered."""
         if isinstance(item, InvalidEvent):
             await self._dead_letter(record, None, item.failure)
             self._metrics.event(None, "dead_lettered")
-            return
+            return True
         result, ids = item.result, item.ids
         if item.expired:
             await self._outcomes.expired(
                 [*result.notifications, *result.withheld], ids, item.expired
             )
             self._metrics.event(item.event.type, "expired")
-            return
+            return False
+        if item.late_reminders:
+            await self._outcomes.expired(list(item.late_reminders), ids, "too late when read")
         await asyncio.gather(
             *(self._outcomes.unresolved(u, ids) for u in result.unresolved),
             *(self._outcomes.withheld(n, ids) for n in result.withheld),
         )
         # A parent earlier in this batch (same ticket, so served before) counts too.
-        notifications = [_answering(n, batch.parent_mails) for n in result.notifications]
+        notifications = [answering(n, batch.parent_mails) for n in result.notifications]
         outcomes = await asyncio.gather(
             *(self._sender.deliver(n, ids, record, batch) for n in notifications),
             return_exceptions=True,
@@ -270,15 +261,16 @@ class Dispatcher:
         failures: list[Failure] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                self._metrics.event(item.event.type, "retry_later")
+                if count_event:
+                    self._metrics.event(item.event.type, "retry_later")
                 raise outcome
             if outcome is not None:
                 failures.append(outcome)
         if failures:
             await self._dead_letter(record, ids, *failures)
-            self._metrics.event(item.event.type, "dead_lettered")
-        else:
-            self._metrics.event(item.event.type, "processed")
+        if count_event:
+            self._metrics.event(item.event.type, "dead_lettered" if failures else "processed")
+        return bool(failures)
 
     async def _dead_letter(self, record: Record, ids: Ids | None, *failures: Failure) -> None:
         # A record with a throttled mail is dead-lettered as `throttled`, so that
@@ -310,11 +302,6 @@ class Dispatcher:
         )
 
 
-def _answering(n: Notification, mails: dict[tuple[str, str], dict[str, str]]) -> Notification:
-    """`n`, answering the parent activity's mail to the same recipient if there is one
-    (of the same kind if it got several)."""
-    if not n.parent_activity_id:
-        return n
-    got = mails.get((n.parent_activity_id, key_of(n).recipient), {})
-    parent = got.get(n.kind.value) or next((got[k.value] for k in Kind if k.value in got), None)
-    return replace(n, in_reply_to=parent) if parent != n.in_reply_to else n
+def _written(record: Record) -> float | None:
+    """The record's Kafka timestamp, in epoch seconds."""
+    return record.timestamp_ms / 1000 if record.timestamp_ms is not None else None

@@ -17,6 +17,7 @@ from prometheus_client import make_asgi_app
 from service.delivery.dead_letters import KafkaDeadLetters
 from service.delivery.dispatch import Dispatcher
 from service.delivery.ledger import LedgerUnavailable, create_ledger, open_when_reachable
+from service.delivery.scheduler import ReminderScheduler
 from service.delivery.smtp import SmtpPool
 from service.runtime.consumer import BatchConsumer
 from service.runtime.group import GroupWatch
@@ -25,6 +26,7 @@ from service.runtime.parts import (
     delivery_config,
     ledger_config,
     mail_builder,
+    reminder_config,
     smtp_config,
 )
 from service.runtime.settings import Settings
@@ -53,14 +55,23 @@ def create_app(settings: Settings) -> AsgiFastStream:
     ledger = create_ledger(settings.ledger_url.get_secret_value(), ledger_config(settings))
     builder = mail_builder(parts)
     dead_letters = KafkaDeadLetters(settings.kafka_bootstrap_servers, settings.dlq_topic)
+    delivery = delivery_config(settings)
     dispatcher = Dispatcher(
-        config=delivery_config(settings),
+        config=delivery,
         directory=parts.directory,
         builder=builder,
         ledger=ledger,
         mailer=pool,
         dead_letters=dead_letters,
         metrics=metrics,
+        reminders=reminder_config(settings),
+    )
+    scheduler = ReminderScheduler(
+        ledger,
+        dispatcher,
+        metrics,
+        owner=delivery.owner,
+        lease_seconds=delivery.lease_seconds,
     )
     consumer = BatchConsumer(dispatcher, metrics)
     subscriber = broker.subscriber(
@@ -118,10 +129,12 @@ def create_app(settings: Settings) -> AsgiFastStream:
         await open_when_reachable(ledger)
         await dead_letters.start()
         tasks.append(asyncio.create_task(watch_group()))
+        scheduler.start()
         tasks.append(asyncio.create_task(prune()))
 
     async def stop_consuming() -> None:
         dispatcher.stop()
+        await scheduler.stop(settings.graceful_timeout_seconds)
 
     async def stop() -> None:
         for task in tasks:

@@ -59,6 +59,7 @@ NOTIFICATION_OUTCOMES = (
 EVENT_OUTCOMES = ("processed", "dead_lettered", "retry_later", "expired")
 SMTP_OUTCOMES = ("accepted", "transient", "permanent", "withheld", "error")
 REWIND_REASONS = ("retry_later", "error", "rebalanced")
+REMINDER_ACTIONS = ("scheduled", "moved", "cancelled", "expired", "orphaned", "sent", "failed")
 
 
 class Metrics:
@@ -132,6 +133,18 @@ class Metrics:
             ["state"],
             registry=registry,
         )
+        self.reminders = Counter(
+            "notifier_reminders",
+            "Reminders by what happened: scheduled, moved, cancelled, expired (too late when"
+            " read), orphaned (a time without its date), sent, failed.",
+            ["action"],
+            registry=registry,
+        )
+        self.reminder_next_due = Gauge(
+            "notifier_reminder_next_due_timestamp_seconds",
+            "When the earliest scheduled reminder is due (Unix time); 0 when none is.",
+            registry=registry,
+        )
         self.group_members = Gauge(
             "notifier_group_members",
             "Members of this instance's consumer group, as last counted.",
@@ -162,6 +175,7 @@ class Metrics:
         self._smtp = {outcome: self.smtp_send_seconds.labels(outcome) for outcome in SMTP_OUTCOMES}
         self._stages = {stage: self.dead_letters.labels(stage.value) for stage in Stage}
         self._rewinds = {reason: self.rewinds.labels(reason) for reason in REWIND_REASONS}
+        self._reminders = {action: self.reminders.labels(action) for action in REMINDER_ACTIONS}
         self._open = self.pool_connections.labels("open")
         self._busy = self.pool_connections.labels("busy")
         # Process memory, CPU and file descriptors, in this registry rather than the global.
@@ -180,6 +194,9 @@ class Metrics:
 
     def retry(self) -> None:
         self.retries.inc()
+
+    def reminder(self, action: str) -> None:
+        _child(self._reminders, action, self.reminders).inc()
 
     def rewind(self, reason: str) -> None:
         _child(self._rewinds, reason, self.rewinds).inc()

@@ -15,6 +15,7 @@ from service.core.routing import RoutingPolicy
 from service.delivery.build import InlineBuilder, MailBuilder, MailFactory, MailSpec
 from service.delivery.config import DeliveryConfig
 from service.delivery.ledger import LedgerConfig
+from service.delivery.reminding import ReminderConfig
 from service.delivery.smtp import SmtpConfig
 from service.delivery.workers import PooledBuilder
 from service.runtime.metrics import Metrics
@@ -76,6 +77,7 @@ def mail_spec(settings: Settings) -> MailSpec:
         sender=settings.mail_from,
         reply_to=settings.reply_to,
         domain=settings.mail_domain,
+        zone=settings.timezone,
     )
 
 
@@ -84,6 +86,14 @@ def ledger_config(settings: Settings) -> LedgerConfig:
         migrate=settings.ledger_migrate,
         sqlite_synchronous=settings.ledger_sqlite_synchronous,
         pool_size=settings.ledger_pool_size,
+    )
+
+
+def reminder_config(settings: Settings) -> ReminderConfig:
+    return ReminderConfig(
+        zone=settings.timezone,
+        default_time=settings.reminder_default_time,
+        max_late=settings.reminder_max_late,
     )
 
 

@@ -1,0 +1,124 @@
+"""What the records (or due reminders) of one batch share: one look into the ledger for
+what was sent and what the parents mailed, one claim for the rest, one MailBatch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+
+from service.core.events import ActivityEvent
+from service.core.routing import Kind, Notification, RoutingResult
+from service.delivery.build import MailBuilder
+from service.delivery.config import DeliveryConfig
+from service.delivery.ledger import Claim, ClaimRequest, Key, Ledger
+from service.delivery.outcomes import Ids, key_of
+from service.delivery.sending import Batch
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A record that parsed, with what routing made of it."""
+
+    event: ActivityEvent
+    result: RoutingResult
+    ids: Ids
+    expired: str | None = None  # why it mails nobody (history, too old), if so
+    released: bool = False  # replayed from the `throttled` dead letters
+    late_reminders: tuple[Notification, ...] = ()  # too late when read: recorded expired
+
+
+class BatchOpener:
+    """Opens and closes the Batch that a set of routed records is served in."""
+
+    def __init__(self, config: DeliveryConfig, ledger: Ledger, builder: MailBuilder) -> None:
+        self._config = config
+        self._ledger = ledger
+        self._builder = builder
+
+    async def open(self, live: list[Routed]) -> Batch:
+        keys = [key_of(n) for item in live for n in item.result.notifications]
+        sent = await self._ledger.sent(keys)
+        parents = await self._parent_mails(live, sent)
+        unsent = [
+            answering(n, parents)
+            for item in live
+            for n in item.result.notifications
+            if key_of(n) not in sent
+        ]
+        claims, claimed_at = await self._claim(live, sent)
+        await self._record_tickets(live)
+        return Batch(
+            sent=sent,
+            claims=claims,
+            leases=dict.fromkeys(
+                (k for k, c in claims.items() if c is Claim.WON),
+                claimed_at + self._config.lease_seconds,
+            ),
+            deadline=time.monotonic() + self._config.retry_budget,
+            mails=self._builder.batch(unsent),
+            parent_mails=parents,
+        )
+
+    async def close(self, batch: Batch) -> None:
+        await batch.mails.close()
+        await self._release(batch)
+
+    async def _parent_mails(
+        self, live: list[Routed], sent: set[Key]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        """What the parents of the batch's follow-ups mailed to the same recipients."""
+        pairs = {
+            (n.parent_activity_id, key_of(n).recipient)
+            for item in live
+            for n in item.result.notifications
+            if n.parent_activity_id and key_of(n) not in sent
+        }
+        return await self._ledger.sent_mails(sorted(pairs)) if pairs else {}
+
+    async def _claim(self, live: list[Routed], sent: set[Key]) -> tuple[dict[Key, Claim], float]:
+        """Claim the batch's unsent keys in one transaction; the claims and when they began."""
+        requests: dict[Key, ClaimRequest] = {}
+        for item in live:
+            for n in item.result.notifications:
+                key = key_of(n)
+                if key not in sent and key not in requests:
+                    requests[key] = ClaimRequest(
+                        key, n.ticket_id, item.ids.event_id, bypass_limit=item.released
+                    )
+        started = time.monotonic()  # before the request: the local lease ends no later
+        claims = await self._ledger.claim(
+            list(requests.values()),
+            self._config.owner,
+            self._config.lease_seconds,
+            self._config.recipient_limit,
+        )
+        return claims, started
+
+    async def _record_tickets(self, live: list[Routed]) -> None:
+        """Ticket references, so the audit finds a ticket by them."""
+        references = {
+            n.ticket_id: n.ticket_reference
+            for item in live
+            for n in (*item.result.notifications, *item.result.withheld)
+            if n.ticket_reference
+        }
+        await asyncio.gather(
+            *(self._ledger.record_ticket(t, r) for t, r in sorted(references.items()))
+        )
+
+    async def _release(self, batch: Batch) -> None:
+        """Give back the claims this batch won and did not finish (a rewind, a revocation)."""
+        unfinished = [k for k in batch.leases if k not in batch.finished]
+        if unfinished:
+            await self._ledger.release(unfinished, self._config.owner)
+
+
+def answering(n: Notification, mails: dict[tuple[str, str], dict[str, str]]) -> Notification:
+    """`n`, answering the parent activity's mail to the same recipient if there is one
+    (of the same kind if it got several)."""
+    if not n.parent_activity_id:
+        return n
+    got = mails.get((n.parent_activity_id, key_of(n).recipient), {})
+    parent = got.get(n.kind.value) or next((got[k.value] for k in Kind if k.value in got), None)
+    return replace(n, in_reply_to=parent) if parent != n.in_reply_to else n
