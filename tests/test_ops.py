@@ -96,6 +96,21 @@ DOCUMENTED: dict[str, tuple[str, dict[str, Allowed]]] = {
     "notifier_in_flight_notifications": ("gauge", {}),
     "notifier_smtp_pool_size": ("gauge", {}),
     "notifier_smtp_pool_connections": ("gauge", {"state": {"open", "busy"}}),
+    "notifier_reminders_total": (
+        "counter",
+        {
+            "action": {
+                "scheduled",
+                "moved",
+                "cancelled",
+                "expired",
+                "orphaned",
+                "sent",
+                "failed",
+            }
+        },
+    ),
+    "notifier_reminder_next_due_timestamp_seconds": ("gauge", {}),
     "notifier_group_members": ("gauge", {}),
     "notifier_unsafe_ledger": ("gauge", {}),
     "notifier_build_info": ("gauge", {"version": VERSION, "python": VERSION}),
