@@ -85,6 +85,7 @@ async def fill(ledger: Ledger, url: str) -> None:
             ("ticket-activities", 1, 41), "render", "template error in staff.html", TICKET, "e-9"
         )
     )
+    run_sql(url, "UPDATE dead_letters SET at=?", (T0 + 330,))
 
 
 def set_time(url: str, key: Key, at: float) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -37,11 +36,10 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         # Opening would create an empty ledger: say where we looked instead.
         print(f"notifier deliveries: NOTIFY_LEDGER_URL: no ledger at {url.path}", file=sys.stderr)
         return 2
-    # Read only: never migrate from here; a schema behind the code says to upgrade.
-    config = dataclasses.replace(ledger_config(settings), migrate=False)
 
     async def read() -> list[TicketReport]:
-        ledger = create_ledger(url, config)
+        # Opened as `notifier run` opens it (NOTIFY_LEDGER_MIGRATE applies), then only read.
+        ledger = create_ledger(url, ledger_config(settings))
         await ledger.open()
         try:
             return await find_tickets(ledger, args.ticket)
