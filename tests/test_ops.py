@@ -71,6 +71,7 @@ STAGES = {
     "throttled",
 }
 SMTP_OUTCOMES = {"accepted", "transient", "permanent", "withheld", "error"}
+AUDIT_ENDPOINTS = {"deliveries", "dead_letters", "openapi", "ui", "login", "logout", "static"}
 VERSION = re.compile(r"^\d+(\.\d+)*([.+-][0-9A-Za-z.+-]*)?$")
 SMALL_INT = re.compile(r"^\d{1,4}$")
 
@@ -113,6 +114,15 @@ DOCUMENTED: dict[str, tuple[str, dict[str, Allowed]]] = {
     "notifier_reminder_next_due_timestamp_seconds": ("gauge", {}),
     "notifier_group_members": ("gauge", {}),
     "notifier_unsafe_ledger": ("gauge", {}),
+    "notifier_audit_requests_total": (
+        "counter",
+        {"endpoint": AUDIT_ENDPOINTS, "code": re.compile(r"^[1-5]\d\d$")},
+    ),
+    "notifier_audit_request_seconds": ("histogram", {"endpoint": AUDIT_ENDPOINTS}),
+    "notifier_audit_denied_total": (
+        "counter",
+        {"endpoint": AUDIT_ENDPOINTS, "reason": {"missing", "wrong"}},
+    ),
     "notifier_build_info": ("gauge", {"version": VERSION, "python": VERSION}),
 }
 

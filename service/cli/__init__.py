@@ -1,4 +1,4 @@
-"""The `notifier` command: run, preview, dlq replay, db, publish, bridge, dev."""
+"""The `notifier` command: run, preview, dlq replay, db, deliveries, publish, bridge, dev."""
 
 from __future__ import annotations
 
@@ -127,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_dlq_replay)
 
     from service.cli.db import add_db_commands
+    from service.cli.deliveries import add_deliveries_command
     from service.cli.producer import add_producer_commands
 
     add_producer_commands(sub)
     add_db_commands(sub)
+    add_deliveries_command(sub)
 
     spec = sub.add_parser("asyncapi", help="print the AsyncAPI document of the topics")
     spec.add_argument("--out", help="write it to this file (docs/asyncapi.yaml)")

@@ -19,6 +19,7 @@ from service.delivery.dispatch import Dispatcher
 from service.delivery.ledger import LedgerUnavailable, create_ledger, open_when_reachable
 from service.delivery.scheduler import ReminderScheduler
 from service.delivery.smtp import SmtpPool
+from service.runtime.audit.api import audit_routes
 from service.runtime.consumer import BatchConsumer
 from service.runtime.group import GroupWatch
 from service.runtime.parts import (
@@ -164,12 +165,15 @@ def create_app(settings: Settings) -> AsgiFastStream:
             return AsgiResponse(("; ".join(reasons) + "\n").encode(), 503)
         return AsgiResponse(b"ready\n", 200)
 
+    # The delivery audit (GET /deliveries, /ui/) beside them; off while NOTIFY_HTTP_TOKEN is unset.
+    token = settings.http_token.get_secret_value() if settings.http_token else None
     return AsgiFastStream(
         broker,
         asgi_routes=[
             ("/healthz", healthz),
             ("/readyz", readyz),
             ("/metrics", make_asgi_app(registry)),
+            *audit_routes(ledger, token, metrics),
         ],
         logger=logging.getLogger("service.runtime.app"),
         on_startup=[start],

@@ -22,6 +22,7 @@ from service import __version__
 from service.core.events import EVENT_TYPES
 from service.core.failures import Stage
 from service.core.routing import Kind
+from service.runtime.audit.paths import ENDPOINTS
 
 # 0.075 and 0.15 let the 150 ms objective be read straight off the histogram.
 LATENCY_BUCKETS = (
@@ -60,6 +61,8 @@ EVENT_OUTCOMES = ("processed", "dead_lettered", "retry_later", "expired")
 SMTP_OUTCOMES = ("accepted", "transient", "permanent", "withheld", "error")
 REWIND_REASONS = ("retry_later", "error", "rebalanced")
 REMINDER_ACTIONS = ("scheduled", "moved", "cancelled", "expired", "orphaned", "sent", "failed")
+AUDIT_DENIALS = ("missing", "wrong")
+AUDIT_CODES = ("200", "303", "400", "401")
 
 
 class Metrics:
@@ -155,6 +158,25 @@ class Metrics:
             "1 while other instances share the consumer group but not this (SQLite) ledger.",
             registry=registry,
         )
+        self.audit_requests = Counter(
+            "notifier_audit_requests",
+            "Delivery audit HTTP requests (API and page), by endpoint and status code.",
+            ["endpoint", "code"],
+            registry=registry,
+        )
+        self.audit_seconds = Histogram(
+            "notifier_audit_request_seconds",
+            "Time to answer one delivery audit request, by endpoint.",
+            ["endpoint"],
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.audit_denied = Counter(
+            "notifier_audit_denied",
+            "Audit requests refused (401) for a missing or a wrong token.",
+            ["endpoint", "reason"],
+            registry=registry,
+        )
         self.build = Info("notifier_build", "Version of the notifier.", registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
         # Every series exists from the start, so rate() and increase() see the first count;
@@ -176,6 +198,17 @@ class Metrics:
         self._stages = {stage: self.dead_letters.labels(stage.value) for stage in Stage}
         self._rewinds = {reason: self.rewinds.labels(reason) for reason in REWIND_REASONS}
         self._reminders = {action: self.reminders.labels(action) for action in REMINDER_ACTIONS}
+        self._audit_requests = {
+            (endpoint, code): self.audit_requests.labels(endpoint, code)
+            for endpoint in ENDPOINTS
+            for code in AUDIT_CODES
+        }
+        self._audit_seconds = {e: self.audit_seconds.labels(e) for e in ENDPOINTS}
+        self._audit_denied = {
+            (endpoint, reason): self.audit_denied.labels(endpoint, reason)
+            for endpoint in ENDPOINTS
+            for reason in AUDIT_DENIALS
+        }
         self._open = self.pool_connections.labels("open")
         self._busy = self.pool_connections.labels("busy")
         # Process memory, CPU and file descriptors, in this registry rather than the global.
@@ -220,6 +253,15 @@ class Metrics:
     def rendered(self, seconds: float) -> None:
         """One notification's templates took `seconds` to render (here or in a worker)."""
         self.render_seconds.observe(seconds)
+
+    def audit_answered(self, endpoint: str, code: int, seconds: float) -> None:
+        """One audit request answered with HTTP status `code` after `seconds`."""
+        _child(self._audit_requests, (endpoint, str(code)), self.audit_requests).inc()
+        _child(self._audit_seconds, endpoint, self.audit_seconds).observe(seconds)
+
+    def audit_refused(self, endpoint: str, reason: str) -> None:
+        """One audit request without a valid token (`reason`: missing or wrong)."""
+        _child(self._audit_denied, (endpoint, reason), self.audit_denied).inc()
 
     # PoolObserver of service.delivery.smtp
     def connections(self, open_count: int, busy_count: int) -> None:

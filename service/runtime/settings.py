@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     # Operations
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
+    # The delivery audit (GET /deliveries, /ui/) holds addresses: off (404) while unset.
+    http_token: SecretStr | None = None
     watch_interval_seconds: float = Field(default=10.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -141,6 +143,16 @@ class Settings(BaseSettings):
         except LedgerConfigError as exc:
             # The message names the part at fault, never the password.
             raise ValueError(str(exc).removeprefix("NOTIFY_LEDGER_URL: ")) from None
+        return value
+
+    @field_validator("http_token")
+    @classmethod
+    def _http_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None  # NOTIFY_HTTP_TOKEN= (empty) leaves the audit off, as unset does
+        # It travels in an Authorization header and a cookie: visible ASCII, one word.
+        if not all("!" <= ch <= "~" for ch in value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces")
         return value
 
     @field_validator("ledger_sqlite_synchronous", mode="before")
