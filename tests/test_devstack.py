@@ -16,8 +16,9 @@ import aiosmtplib
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from devkit.devstack import KafkaNode, free_port, new_cluster_id, run_smtp_capture
-from tests.support import SmtpRecorder
+from devkit.kafka import KafkaNode, new_cluster_id
+from devkit.process import free_port
+from devkit.smtp import SmtpRecorder, run_smtp_capture
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,13 +23,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import service.runtime.app
-from devkit.devstack import free_port
+from devkit.config import service_env
+from devkit.events import example, mixed_examples
+from devkit.process import ServiceProcess, free_port
+from devkit.smtp import SmtpRecorder
 from service.runtime.logs import JsonFormatter
 from service.runtime.metrics import Metrics
 from service.runtime.settings import Settings, load_settings
-from tests.inprocess import example, mixed_examples, service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

@@ -17,10 +17,10 @@ import httpx
 import pytest
 import yaml
 
-from devkit.devstack import free_port, terminate
-from tests.inprocess import example, mixed_examples, publish, service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
+from devkit.config import service_env
+from devkit.events import example, mixed_examples, publish
+from devkit.process import ServiceProcess, free_port, terminate
+from devkit.smtp import SmtpRecorder
 
 pytestmark = pytest.mark.integration
 

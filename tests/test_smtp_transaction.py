@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devkit.smtp import SmtpRecorder
 from service.delivery.smtp import PermanentSmtpError, SmtpConfig, SmtpPool
 from service.delivery.smtp_wire import (
     ConnectionLost,
@@ -21,7 +22,6 @@ from service.delivery.smtp_wire import (
     envelope_address,
     send_transaction,
 )
-from tests.support import SmtpRecorder
 
 
 def unstuff(payload: bytes) -> bytes:

@@ -17,8 +17,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -28,40 +26,39 @@ from typing import Any
 
 import pytest
 
-from devkit.devstack import child_environ
+from devkit.process import ServiceProcess, free_port, run_notifier
+from devkit.smtp import SmtpRecorder
+from devkit.topics import (
+    KafkaRecord,
+    group_caught_up,
+    group_members,
+    read_topic,
+    set_topic_config,
+)
 from tests.faults.harness import (
     FULL,
-    REPO,
     SEED,
     CaseReport,
-    DeadLetter,
     EventFactory,
     MailIndex,
     Outgoing,
-    PacedSmtp,
     Published,
     check_dead_letters,
     count_mail,
     expected_message_ids,
-    group_caught_up,
-    group_members,
     interleave,
     largest_value,
     ledger_sent_ids,
     markdown_table,
-    new_http_port,
     poison_messages,
     publish,
-    read_topic,
     scaled,
     service_env,
-    set_topic_config,
     until,
     wait_for_dead_letters,
     wait_for_mail,
     write_reports,
 )
-from tests.service_process import ServiceProcess
 
 pytestmark = [
     pytest.mark.faults,
@@ -99,7 +96,7 @@ class FaultRun:
     case: str
     bootstrap: str
     topic: str
-    smtp: PacedSmtp
+    smtp: SmtpRecorder
     service: ServiceProcess
     ledger: Path
     rng: random.Random
@@ -184,7 +181,7 @@ class FaultRun:
         self, *, still_consuming: bool, details: dict[str, Any] | None = None
     ) -> tuple[CaseReport, list[str]]:
         """Count mail, read the dead-letter topic, record the report; (report, DLQ problems)."""
-        dlq: list[DeadLetter] = await read_topic(self.bootstrap, self.dlq)
+        dlq: list[KafkaRecord] = await read_topic(self.bootstrap, self.dlq)
         problems = check_dead_letters(self.topic, self.published, dlq)
         mail = count_mail(list(self.smtp.messages), self.expected)
         good = [p for p in self.published if not p.record.poison]
@@ -239,9 +236,9 @@ def assert_clean(report: CaseReport, problems: list[str], log: Path, *, dup_boun
 
 
 @pytest.fixture
-def smtp() -> Iterator[PacedSmtp]:
+def smtp() -> Iterator[SmtpRecorder]:
     """The SMTP server of a case: records mail, takes SMTP_DELAY per message, fails on cue."""
-    server = PacedSmtp(SMTP_DELAY)
+    server = SmtpRecorder(delay=SMTP_DELAY)
     server.start()
     yield server
     server.stop()
@@ -253,13 +250,13 @@ async def fault_run(
     tmp_path: Path,
     kafka_bootstrap: str,
     topic: str,
-    smtp: PacedSmtp,
+    smtp: SmtpRecorder,
 ) -> AsyncIterator[FaultRun]:
     case = request.node.name.removeprefix("test_")
     rng = random.Random(f"{SEED}:{case}")
     ledger = tmp_path / "ledger.sqlite3"
     env = service_env(bootstrap=kafka_bootstrap, topic=topic, smtp_port=smtp.port, ledger=ledger)
-    service = ServiceProcess(env, new_http_port(), log_path=tmp_path / "service.log")
+    service = ServiceProcess(env, free_port(), log_path=tmp_path / "service.log")
     run = FaultRun(
         case=case,
         bootstrap=kafka_bootstrap,
@@ -532,16 +529,8 @@ async def test_sigterm_restarts(fault_run: FaultRun) -> None:
 
 
 def notifier(env: dict[str, str], *args: str, within: float = 60) -> str:
-    """Run `python -m service ARGS` with the case's settings; its standard output."""
-    done = subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=REPO,
-        env=child_environ(env),
-        capture_output=True,
-        text=True,
-        timeout=within,
-        check=False,
-    )
+    """Run `notifier ARGS` with the case's settings; its standard output."""
+    done = run_notifier(*args, env=env, timeout=within)
     assert done.returncode == 0, f"notifier {' '.join(args)}: {done.stdout}{done.stderr}"
     return done.stdout.strip()
 

@@ -1,68 +1,76 @@
-"""Test helpers: Kafka topic creation and a controllable in-process SMTP server."""
+"""SMTP servers for dev and tests: a capture into .eml files, and a recorder that fails on cue."""
 
 from __future__ import annotations
 
 import asyncio
 import email
+import email.parser
 import email.policy
+import json
 import re
 import threading
 import time
-import uuid
 from email.message import EmailMessage
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiosmtpd.controller import Controller
 
-from devkit.devstack import free_port
+from devkit.process import free_port
 
-# --- Kafka ---------------------------------------------------------------------------------
+# --- capture (notifier dev) ----------------------------------------------------------------
 
-
-def unique_topic(test_name: str) -> str:
-    """A topic name no other test uses: 'test-<test name>-<random>'."""
-    # Only [a-z0-9-]: Kafka refuses names that differ from another only by '.' versus '_'.
-    slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:80]
-    return f"test-{slug}-{uuid.uuid4().hex[:8]}"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]+")
 
 
-async def create_topics(
-    bootstrap: str,
-    names: list[str],
-    partitions: int = 4,
-    timeout: float = 30,  # noqa: ASYNC109
-) -> None:
-    """Create the topics and wait until every partition has a leader."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        response = await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-        errors = [(t, code, msg) for t, code, msg in response.topic_errors if code != 0]
-        if errors:
-            raise RuntimeError(f"create_topics failed: {errors}")
-        deadline = time.monotonic() + timeout
-        while True:
-            described = await admin.describe_topics(names)
-            if all(_has_leaders(t, partitions) for t in described):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topics without leaders after {timeout} s: {described}")
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.close()
+class _CaptureHandler:
+    """aiosmtpd handler: each mail to `<n>-<message-id>.eml`, envelope in a `.json` beside it."""
+
+    def __init__(self, maildir: Path) -> None:
+        self.maildir = maildir
+        self._lock = threading.Lock()
+        # Go on from the highest number already there, so a restart does not overwrite mail.
+        numbers = (re.match(r"(\d+)-", p.name) for p in maildir.glob("*.eml"))
+        self._n = max((int(m[1]) for m in numbers if m), default=0)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        raw: bytes = envelope.original_content
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+        mid = _UNSAFE.sub("_", str(headers.get("Message-ID", "")).strip().strip("<>"))[:120]
+        with self._lock:
+            self._n += 1
+            stem = f"{self._n}-{mid or 'no-message-id'}"
+        envelope_info = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": list(envelope.rcpt_tos),
+            "peer": str(session.peer),
+            "received": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (self.maildir / f"{stem}.json").write_text(json.dumps(envelope_info, indent=2) + "\n")
+        # Write then rename, so whoever watches for *.eml never reads half a message.
+        tmp = self.maildir / f".{stem}.tmp"
+        tmp.write_bytes(raw)
+        tmp.rename(self.maildir / f"{stem}.eml")
+        return "250 OK captured"
 
 
-def _has_leaders(topic: dict[str, Any], partitions: int) -> bool:
-    parts = topic.get("partitions", [])
-    return (
-        topic.get("error_code") == 0
-        and len(parts) == partitions
-        and all(p.get("leader", -1) >= 0 for p in parts)
+class Stoppable(Protocol):
+    """What run_smtp_capture returns (an aiosmtpd Controller)."""
+
+    def stop(self) -> None: ...
+
+
+def run_smtp_capture(host: str, port: int, maildir: Path) -> Stoppable:
+    """Start an SMTP server that stores every message in maildir; returns its Controller."""
+    maildir.mkdir(parents=True, exist_ok=True)
+    controller = Controller(
+        _CaptureHandler(maildir), hostname=host, port=port, enable_SMTPUTF8=True
     )
+    controller.start()
+    return controller
 
 
-# --- SMTP ----------------------------------------------------------------------------------
+# --- recorder (tests, fault suite) --------------------------------------------------------
 
 
 class Received(NamedTuple):
@@ -79,14 +87,27 @@ class SmtpRecorder:
     `fail_rcpt(addr)` refuses that recipient at RCPT until `clear_faults()`; `fail_next(n)`
     refuses the next n messages at the end of DATA. `stop()`/`start()` take the server down
     and bring it back on the same port.
+
+    Pacing, like a real MTA: each DATA waits `delay` seconds before the message is
+    accepted (recorded), then `reply_delay` more before the 250 goes out. A client killed
+    in that second window leaves a message the server accepted but the client never saw
+    accepted (the one duplicate SMTP allows).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        delay: float = 0.0,
+        reply_delay: float = 0.0,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.messages: list[Received] = []
         self.data_attempts = 0  # DATA commands seen, refused ones included
-        self.delay = 0.0  # seconds each DATA waits before its answer (a slow server)
+        self.delay = delay  # seconds each DATA waits before it is accepted (a slow server)
+        self.reply_delay = reply_delay  # seconds more before an acceptance is answered
         self._lock = threading.Lock()
         self._rcpt_faults: dict[str, str] = {}
         self._data_faults: list[str] = []
@@ -159,4 +180,6 @@ class SmtpRecorder:
             self.messages.append(
                 Received(envelope.mail_from, tuple(envelope.rcpt_tos), envelope.original_content)
             )
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
         return "250 OK queued"
