@@ -84,9 +84,10 @@ class Received(NamedTuple):
 class SmtpRecorder:
     """aiosmtpd server (own thread) on 127.0.0.1 that records mail and fails on request.
 
-    `fail_rcpt(addr)` refuses that recipient at RCPT until `clear_faults()`; `fail_next(n)`
-    refuses the next n messages at the end of DATA. `stop()`/`start()` take the server down
-    and bring it back on the same port.
+    `fail_rcpt(addr)` refuses that recipient at RCPT until `clear_faults()`;
+    `fail_next_rcpt(n)` refuses the next n RCPT commands, whatever the address;
+    `fail_next(n)` refuses the next n messages at the end of DATA. `stop()`/`start()` take
+    the server down and bring it back on the same port.
 
     Pacing, like a real MTA: each DATA waits `delay` seconds before the message is
     accepted (recorded), then `reply_delay` more before the 250 goes out. A client killed
@@ -106,10 +107,12 @@ class SmtpRecorder:
         self.port = port or free_port(host)
         self.messages: list[Received] = []
         self.data_attempts = 0  # DATA commands seen, refused ones included
+        self.rcpt_refusals = 0  # RCPT commands refused on request
         self.delay = delay  # seconds each DATA waits before it is accepted (a slow server)
         self.reply_delay = reply_delay  # seconds more before an acceptance is answered
         self._lock = threading.Lock()
         self._rcpt_faults: dict[str, str] = {}
+        self._next_rcpt_faults: list[str] = []
         self._data_faults: list[str] = []
         self._controller: Controller | None = None
 
@@ -121,6 +124,10 @@ class SmtpRecorder:
         with self._lock:
             self._rcpt_faults[addr.lower()] = f"{code} {text}"
 
+    def fail_next_rcpt(self, n: int, code: int = 451, text: str = "4.2.1 busy") -> None:
+        with self._lock:
+            self._next_rcpt_faults.extend([f"{code} {text}"] * n)
+
     def fail_next(self, n: int, code: int = 451, text: str = "4.3.0 try again later") -> None:
         with self._lock:
             self._data_faults.extend([f"{code} {text}"] * n)
@@ -128,6 +135,7 @@ class SmtpRecorder:
     def clear_faults(self) -> None:
         with self._lock:
             self._rcpt_faults.clear()
+            self._next_rcpt_faults.clear()
             self._data_faults.clear()
 
     def start(self) -> None:
@@ -164,6 +172,10 @@ class SmtpRecorder:
     ) -> str:
         with self._lock:
             refusal = self._rcpt_faults.get(address.lower())
+            if refusal is None and self._next_rcpt_faults:
+                refusal = self._next_rcpt_faults.pop(0)
+            if refusal:
+                self.rcpt_refusals += 1
         if refusal:
             return refusal
         envelope.rcpt_tos.append(address)

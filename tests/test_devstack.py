@@ -163,6 +163,19 @@ async def test_smtp_server_fail_next(smtp_server: SmtpRecorder) -> None:
 
 
 @pytest.mark.integration
+async def test_smtp_server_fail_next_rcpt(smtp_server: SmtpRecorder) -> None:
+    smtp_server.fail_next_rcpt(2, code=451)
+    host, port = smtp_server.host, smtp_server.port
+    for to in ("a@example.test", "b@example.test"):
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+            await aiosmtplib.send(_mail(to), hostname=host, port=port)
+        assert refused.value.recipients[0].code == 451
+    await aiosmtplib.send(_mail("a@example.test"), hostname=host, port=port)
+    assert smtp_server.rcpt_refusals == 2
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("a@example.test",)]
+
+
+@pytest.mark.integration
 async def test_smtp_server_stop_start_same_port(smtp_server: SmtpRecorder) -> None:
     host, port = smtp_server.host, smtp_server.port
     smtp_server.stop()

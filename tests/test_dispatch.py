@@ -97,8 +97,29 @@ def record(value: bytes | None, key: bytes = b"1042", partition: int = 0) -> Rec
     return Record("t", partition, next(_offsets), key, value, (), int(time.time() * 1000))
 
 
+def preparer_spec(store_dir: Path) -> PreparerSpec:
+    return PreparerSpec(
+        templates_dir=default_templates_dir(),
+        attachments_dir=store_dir,
+        max_attachment_bytes=10_000_000,
+        max_mail_bytes=20_000_000,
+        sender="Helpdesk <helpdesk@helpdesk.test>",
+        reply_to=None,
+        domain="helpdesk.test",
+    )
+
+
 class Rig:
-    def __init__(self, tmp_path: Path, workers: int = 0, **config: Any) -> None:
+    """A dispatcher with fakes around it; `workers` starts a pool of its own, `pool` lends one."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        workers: int = 0,
+        *,
+        pool: PreparePool | None = None,
+        **config: Any,
+    ) -> None:
         self.mailer = FakeMailer()
         self.dlq = FakeDeadLetters()
         self.ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
@@ -113,16 +134,9 @@ class Rig:
             "retry_budget": 2.0,
         }
         defaults.update(config)
-        spec = PreparerSpec(
-            templates_dir=default_templates_dir(),
-            attachments_dir=self.store_dir,
-            max_attachment_bytes=10_000_000,
-            max_mail_bytes=20_000_000,
-            sender="Helpdesk <helpdesk@helpdesk.test>",
-            reply_to=None,
-            domain="helpdesk.test",
-        )
-        self.pool = PreparePool(spec, workers) if workers else None
+        spec = preparer_spec(self.store_dir)
+        self._own_pool = PreparePool(spec, workers) if workers else None
+        self.pool = pool or self._own_pool
         self.dispatcher = Dispatcher(
             config=DeliveryConfig(**defaults),
             directory=Directory.empty(),
@@ -136,13 +150,13 @@ class Rig:
 
     async def open(self) -> None:
         await self.ledger.open()
-        if self.pool is not None:
-            await self.pool.start()
+        if self._own_pool is not None:
+            await self._own_pool.start()
 
     async def close(self) -> None:
         await self.ledger.close()
-        if self.pool is not None:
-            self.pool.close()
+        if self._own_pool is not None:
+            self._own_pool.close()
 
     def count(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -152,13 +166,27 @@ class Rig:
 MakeRig = Callable[..., Awaitable[Rig]]
 
 
+@pytest.fixture(scope="module")
+async def worker_pool(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PreparePool]:
+    """One pool of one worker process for every [workers] rig of this module: a worker takes
+    longer to start than most tests here take to run. (Mails with attachments are built in
+    the service's process, never in the pool, so the pool's store is never read.)"""
+    pool = PreparePool(preparer_spec(tmp_path_factory.mktemp("pool-store")), 1)
+    await pool.start()
+    yield pool
+    pool.close()
+
+
 @pytest.fixture(params=[0, 1], ids=["inline", "workers"])
-async def make_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRig]:
-    """Rigs that build mails in process, or in a pool of one worker process."""
+async def make_rig(
+    request: pytest.FixtureRequest, tmp_path: Path, worker_pool: PreparePool
+) -> AsyncIterator[MakeRig]:
+    """Rigs that build mails in process, or in the module's pool of one worker process."""
     rigs: list[Rig] = []
+    pool = worker_pool if request.param else None
 
     async def make(**config: Any) -> Rig:
-        r = Rig(tmp_path, request.param, **config)
+        r = Rig(tmp_path, pool=pool, **config)
         await r.open()
         rigs.append(r)
         return r

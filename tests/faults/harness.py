@@ -132,6 +132,11 @@ class EventFactory:
     def ticket_key(self, ticket: int) -> bytes:
         return f"{self.run_id}-t{ticket}".encode()
 
+    def ticket_of(self, key: bytes | None) -> int:
+        """The ticket number of a key made by ticket_key()."""
+        assert key is not None
+        return int(key.decode().rpartition("-t")[2])
+
     def event(
         self,
         extra_headers: Iterable[tuple[str, bytes]] = (),
@@ -462,19 +467,21 @@ async def wait_for_mail(
     quiet: float = 6.0,
     stall: float = 0,
 ) -> bool:
-    """Wait until every expected Message-ID arrived, then `settle` s for stragglers.
+    """Wait until every expected Message-ID arrived, then up to `settle` s for stragglers.
 
-    Gives up early when no mail arrived for `quiet` s and `finished()` says the service is
-    done (its group committed everything), or when none arrived for `stall` s (if set):
-    what is missing then will not come. Returns whether all arrived; the report says
-    what is missing.
+    The settling ends early once `finished()` says the service is done (its group committed
+    everything): it commits a record only after its mails were accepted and recorded, so
+    nothing more can come for what was published (and the case counts mail only later).
+    Gives up early when no mail arrived for `quiet` s and `finished()` says so too, or when
+    none arrived for `stall` s (if set): what is missing then will not come. Returns
+    whether all arrived; the report says what is missing.
     """
     deadline = time.monotonic() + within
     last_count, last_change = -1, time.monotonic()
     while True:
         count = index.received(expected)
         if count == len(expected):
-            await asyncio.sleep(settle)
+            await settled(finished, settle)
             return True
         now = time.monotonic()
         if count != last_count:
@@ -488,9 +495,13 @@ async def wait_for_mail(
         await asyncio.sleep(0.1)
 
 
-def missing_text(index: MailIndex, expected: frozenset[str]) -> str:
-    missing = index.missing(expected)
-    return f"{len(missing)} of {len(expected)} Message-IDs missing, e.g. {missing[:5]}"
+async def settled(finished: Callable[[], Awaitable[bool]] | None, within: float) -> None:
+    """Wait `within` s, or less once `finished()` is true."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if finished is not None and await finished():
+            return
+        await asyncio.sleep(0.1)
 
 
 async def wait_for_dead_letters(bootstrap: str, dlq: str, count: int, within: float) -> None:
@@ -589,6 +600,17 @@ def write_reports(reports: Sequence[CaseReport], started: float) -> Path:
     return path
 
 
+def origin(letter: KafkaRecord) -> tuple[int, int] | None:
+    """(partition, offset) of the record a dead letter stands for; None if not stated."""
+    try:
+        return (
+            int(letter.header("x-original-partition") or ""),
+            int(letter.header("x-original-offset") or ""),
+        )
+    except ValueError:
+        return None
+
+
 def check_dead_letters(
     topic: str, published: Sequence[Published], dlq: Sequence[KafkaRecord]
 ) -> list[str]:
@@ -602,21 +624,17 @@ def check_dead_letters(
     seen: dict[tuple[int, int], list[KafkaRecord]] = defaultdict(list)
     problems: list[str] = []
     for letter in dlq:
-        try:
-            origin = (
-                int(letter.header("x-original-partition") or ""),
-                int(letter.header("x-original-offset") or ""),
-            )
-        except ValueError:
+        where = origin(letter)
+        if where is None:
             problems.append(
                 f"dead letter {letter.partition}/{letter.offset}: no x-original-partition/offset"
             )
             continue
-        seen[origin].append(letter)
-    for origin, letters in seen.items():
-        item = wanted.get(origin)
+        seen[where].append(letter)
+    for (partition, offset), letters in seen.items():
+        item = wanted.get((partition, offset))
         if item is None:
-            problems.append(f"unexpected dead letter for {topic}/{origin[0]}/{origin[1]}")
+            problems.append(f"unexpected dead letter for {topic}/{partition}/{offset}")
             continue
         if len(letters) > 1:
             problems.append(f"{item.record.label}: dead-lettered {len(letters)} times")
@@ -645,11 +663,9 @@ def check_dead_letters(
             problems.append(
                 f"{item.record.label}: headers {original!r} != {list(item.record.headers)!r}"
             )
-    for origin, item in wanted.items():
-        if origin not in seen:
-            problems.append(
-                f"{item.record.label} ({topic}/{origin[0]}/{origin[1]}) not dead-lettered"
-            )
+    for (partition, offset), item in wanted.items():
+        if (partition, offset) not in seen:
+            problems.append(f"{item.record.label} ({topic}/{partition}/{offset}) not dead-lettered")
     return problems
 
 
