@@ -35,6 +35,7 @@ from devkit.config import service_env as shared_service_env
 from devkit.events import routing_of
 from devkit.smtp import Received, SmtpRecorder
 from devkit.topics import KafkaRecord, produce, read_topic
+from devkit.waiting import poll
 from service.core.events import cloudevent_for
 from service.core.message import message_id
 
@@ -438,25 +439,6 @@ def service_env(
 # --- waiting -----------------------------------------------------------------------------
 
 
-async def until(
-    check: Callable[[], bool | Awaitable[bool]],
-    within: float,
-    what: Callable[[], str],
-    interval: float = 0.05,
-) -> None:
-    """Poll `check` until true; AssertionError naming what is missing after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {within:.0f} s: {what()}")
-        await asyncio.sleep(interval)
-
-
 async def wait_for_mail(
     index: MailIndex,
     expected: frozenset[str],
@@ -512,7 +494,7 @@ async def wait_for_dead_letters(bootstrap: str, dlq: str, count: int, within: fl
         seen[0] = len(await read_topic(bootstrap, dlq))
         return seen[0] >= count
 
-    await until(enough, within, lambda: f"{seen[0]} of {count} dead letters in {dlq}", interval=1.0)
+    await poll(enough, within, lambda: f"{seen[0]} of {count} dead letters in {dlq}", interval=1.0)
 
 
 # --- reports -----------------------------------------------------------------------------

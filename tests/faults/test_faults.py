@@ -35,6 +35,7 @@ from devkit.topics import (
     read_topic,
     set_topic_config,
 )
+from devkit.waiting import poll
 from tests.faults.harness import (
     FULL,
     SEED,
@@ -55,7 +56,6 @@ from tests.faults.harness import (
     publish,
     scaled,
     service_env,
-    until,
     wait_for_dead_letters,
     wait_for_mail,
     write_reports,
@@ -137,7 +137,7 @@ class FaultRun:
 
     async def reached(self, count: int, within: float) -> None:
         """Wait until `count` expected mails arrived."""
-        await until(
+        await poll(
             lambda: self.received() >= count,
             within,
             lambda: f"{self.received()} of {count} mails arrived; log: {self.service.log_path}",
@@ -147,7 +147,7 @@ class FaultRun:
         """Return once the SMTP server accepts one more message (or after `within` s)."""
         seen = len(self.smtp.messages)
         with contextlib.suppress(AssertionError):
-            await until(lambda: len(self.smtp.messages) > seen, within, str, interval=0.005)
+            await poll(lambda: len(self.smtp.messages) > seen, within, str, interval=0.005)
 
     async def wait_delivered(self, within: float = 0) -> bool:
         """Wait for every expected mail (bounded; early out once the group is caught up)."""
@@ -590,7 +590,7 @@ async def test_dlq_replay_after_550(fault_run: FaultRun) -> None:
     outputs.append(await asyncio.to_thread(notifier, run.env, "dlq", "replay", "--stage", "smtp"))
     # A second replay must send nothing new: wait until the service has committed the
     # records it published (it commits only after their mails went out or were skipped).
-    await until(run.caught_up, 30, lambda: "the second replay was never consumed", interval=0.2)
+    await poll(run.caught_up, 30, lambda: "the second replay was never consumed", interval=0.2)
     consuming, how = await run.probe_if(replayed)
     report, problems = await run.finish(
         still_consuming=consuming,
