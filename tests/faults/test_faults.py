@@ -391,10 +391,15 @@ async def test_bursts_of_4xx(fault_run: FaultRun) -> None:
 
     async def inject() -> None:
         # Queued refusals: each is answered by the next DATA or RCPT, whichever address
-        # it is for, so every burst lands while mail flows.
+        # it is for, so every burst lands while mail flows. A new burst only once mail got
+        # through since the last one: bursts, not a blockade that outpaces the retries.
         first = True
+        accepted = 0
         while not stop.is_set():
             await asyncio.sleep(run.rng.uniform(0.3, 1.0))
+            if not first and len(run.smtp.messages) < accepted + 5:
+                continue
+            accepted = len(run.smtp.messages)
             n = run.rng.randint(3, 12)
             run.smtp.fail_next(n, 451)
             bursts["data_451"] += n
