@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.events import build_workload, encode
+from benchmarks.events import build_workload
+from devkit.events import encode, stamped
 from service.core.directory import load_directory
 from service.core.events import ActivityEvent, parse_event
 from service.core.message import build_message, message_id
@@ -48,7 +49,7 @@ def breakdown(events: int = 2000) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="notifier-breakdown-") as tmp:
         work = Path(tmp)
         workload = build_workload(work, events, run="bd")
-        raw = [encode(e) for e in workload.events]
+        raw = [encode(stamped(e)) for e in workload.events]
         directory = load_directory(workload.directory_file)
         policy = RoutingPolicy()
         parsed: list[ActivityEvent] = []

@@ -8,19 +8,18 @@ ticket (so per-ticket order matters). Everything is derived from a seed.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from devkit.events import encode, routing_of, stamped
 from service.core.directory import Directory, load_directory
-from service.core.events import parse_event
-from service.core.routing import Notification, RoutingPolicy, route
+from service.core.events import cloudevent_for
+from service.core.routing import Notification
 
 FIRST_NAMES = (
     "Anna",
@@ -201,18 +200,10 @@ def make_events(
                     "locale": "de" if german else "en",
                 },
             }
-        events.append(
-            {
-                "specversion": "1.0",
-                "id": f"ev-{activity_id}",
-                "source": "/backend/api/v1/ticketActivities",
-                "type": "ticketActivity.created",
-                "subject": f"T{t}",
-                "time": None,  # set at publish time
-                "datacontenttype": "application/json",
-                "data": data,
-            }
-        )
+        event = cloudevent_for(activity, event_id=f"ev-{activity_id}")
+        event["data"] = data
+        event["time"] = None  # set at publish time
+        events.append(event)
         last[t] = activity_id
     return events
 
@@ -234,24 +225,10 @@ def more_events(workload: Workload, n: int, run: str, seed: int = 7) -> list[dic
     return make_events(n, random.Random(seed), workload.files, run, workload.tickets)
 
 
-def encode(event: dict[str, Any], at: float | None = None) -> bytes:
-    """The event as structured-mode JSON, with `time` = `at` (default: now)."""
-    stamped = dict(event)
-    when = datetime.fromtimestamp(time.time() if at is None else at, UTC)
-    stamped["time"] = when.isoformat(timespec="microseconds").replace("+00:00", "Z")
-    return json.dumps(stamped, ensure_ascii=False).encode()
-
-
-def key(event: dict[str, Any]) -> bytes:
-    return str(event["data"]["activity"]["ticketID"]).encode()
-
-
 def notifications(workload: Workload, events: list[dict[str, Any]]) -> list[Notification]:
     """What the service's routing makes of `events` (to know how many mails to expect)."""
     directory: Directory = load_directory(workload.directory_file)
-    policy = RoutingPolicy()
     out: list[Notification] = []
     for event in events:
-        parsed = parse_event(encode(event), {"content-type": b"application/cloudevents+json"})
-        out.extend(route(parsed, directory, policy).notifications)
+        out.extend(routing_of(encode(stamped(event)), directory=directory).notifications)
     return out

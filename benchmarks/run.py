@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -47,23 +48,21 @@ from typing import Any
 
 import psutil
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from benchmarks.ceiling import prebuild, run_ceiling
-from benchmarks.events import Workload, build_workload, encode, key, more_events, notifications
+from benchmarks.events import Workload, build_workload, more_events, notifications
 from benchmarks.naive import run_naive
-from benchmarks.service_proc import (
-    ServiceProcess,
-    histogram,
-    histogram_quantile,
-    metric_sum,
-)
+from benchmarks.sampler import ResourceSampler, histogram, histogram_quantile, metric_sum
 from benchmarks.sinks import SmtpSink, StampingSink
-from devkit.devstack import KafkaNode, free_port
+from devkit.config import service_env as shared_service_env
+from devkit.events import CLOUDEVENT_HEADERS, encode, stamped, ticket_key
+from devkit.kafka import KafkaNode
+from devkit.process import ServiceProcess, free_port
+from devkit.topics import create_topics
 
 OUT = Path(__file__).resolve().parent / "out"
 PHASES = ("ceiling", "naive", "service", "latency", "profile")
-HEADERS = [("content-type", b"application/cloudevents+json")]
+HEADERS = list(CLOUDEVENT_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -87,27 +86,6 @@ MODES = {
 # --- Kafka helpers -------------------------------------------------------------------------
 
 
-async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            described = await admin.describe_topics(names)
-            if all(
-                t.get("error_code") == 0
-                and len(t.get("partitions", [])) == partitions
-                and all(p.get("leader", -1) >= 0 for p in t["partitions"])
-                for t in described
-            ):
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"topics {names} have no leaders")
-    finally:
-        await admin.close()
-
-
 def producer(bootstrap: str, linger_ms: int) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
@@ -126,7 +104,7 @@ async def publish_backlog(bootstrap: str, topic: str, events: list[dict[str, Any
     try:
         for start in range(0, len(events), 5_000):
             futures = [
-                await p.send(topic, value=encode(e), key=key(e), headers=HEADERS)
+                await p.send(topic, value=encode(stamped(e)), key=ticket_key(e), headers=HEADERS)
                 for e in events[start : start + 5_000]
             ]
             await asyncio.gather(*futures)
@@ -152,7 +130,9 @@ async def publish_paced(
             at = time.time()
             sent[event["data"]["activity"]["id"]] = at
             futures.append(
-                await p.send(topic, value=encode(event, at), key=key(event), headers=HEADERS)
+                await p.send(
+                    topic, value=encode(stamped(event, at)), key=ticket_key(event), headers=HEADERS
+                )
             )
         await asyncio.gather(*futures)
     finally:
@@ -178,24 +158,46 @@ class Context:
 
 
 def service_env(ctx: Context, topic: str, smtp_port: int, tag: str) -> dict[str, str]:
-    env = {
-        "NOTIFY_KAFKA_BOOTSTRAP_SERVERS": ctx.bootstrap,
-        "NOTIFY_TOPIC": topic,
-        "NOTIFY_DLQ_TOPIC": f"{topic}.dlq",
-        "NOTIFY_GROUP_ID": f"{topic}-{tag}",
-        "NOTIFY_SMTP_HOST": "127.0.0.1",
-        "NOTIFY_SMTP_PORT": str(smtp_port),
-        "NOTIFY_MAIL_FROM": "Helpdesk <helpdesk@helpdesk.test>",
-        "NOTIFY_REPLY_TO": "support@helpdesk.test",
-        "NOTIFY_DIRECTORY_FILE": str(ctx.workload.directory_file),
-        "NOTIFY_ATTACHMENTS_DIR": str(ctx.workload.attachments_dir),
-        "NOTIFY_LEDGER_URL": f"sqlite:///{ctx.work / f'ledger-{tag}.sqlite3'}",
-        "NOTIFY_SMTP_POOL_SIZE": str(ctx.pool_size),
+    """The shared service settings with the production timings and this workload's files."""
+    env = shared_service_env(
+        ctx.work,
+        bootstrap=ctx.bootstrap,
+        topic=topic,
+        smtp_port=smtp_port,
+        timings={},
+        group_id=f"{topic}-{tag}",
+        directory_file=ctx.workload.directory_file,
+        attachments_dir=ctx.workload.attachments_dir,
+        ledger_url=f"sqlite:///{ctx.work / f'ledger-{tag}.sqlite3'}",
+        smtp_pool_size=ctx.pool_size,
         # The workload mails few addresses many times: no hourly limit, explicitly.
-        "NOTIFY_RECIPIENT_LIMIT_PER_HOUR": "0",
-    }
+        recipient_limit_per_hour=0,
+    )
     env.update(ctx.args.env)
     return env
+
+
+def service_process(
+    ctx: Context,
+    env: dict[str, str],
+    log: Path,
+    *,
+    profile_out: Path | None = None,
+    profiler: str = "pyinstrument",
+) -> ServiceProcess:
+    """`python -m service run` (or `benchmarks.serve`), under a profiler if `profile_out`.
+
+    A profiled service is stopped with SIGINT, which ends in KeyboardInterrupt, so that
+    the profiler still writes its report; otherwise with SIGTERM, as in production.
+    """
+    command = [sys.executable]
+    if profile_out is not None and profiler == "cprofile":
+        command += ["-m", "cProfile", "-o", str(profile_out)]
+    elif profile_out is not None:
+        command += ["-m", "pyinstrument", "-r", "pyisession", "-o", str(profile_out)]
+    command += ["-m", "benchmarks.serve"] if ctx.args.launcher else ["-m", "service", "run"]
+    stop = signal.SIGINT if profile_out is not None else signal.SIGTERM
+    return ServiceProcess(env, free_port(), log_path=log, command=command, stop_signal=stop)
 
 
 async def phase_ceiling(ctx: Context, notes: list[Any]) -> dict[str, Any]:
@@ -259,32 +261,30 @@ def phase_service(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
     if replicas > 1:
         # Same group and ledger file; the SMTP connections are shared out between them.
         env["NOTIFY_SMTP_POOL_SIZE"] = str(max(1, ctx.pool_size // replicas))
-    procs = [
-        ServiceProcess(
-            env,
-            free_port(),
-            ctx.work / f"{tag}-{i}.log",
-            progress=lambda: ctx.sink.count - base,
-            launcher=ctx.args.launcher,
-        )
-        for i in range(replicas)
-    ]
+    procs = [service_process(ctx, env, ctx.work / f"{tag}-{i}.log") for i in range(replicas)]
+    samplers: list[ResourceSampler] = []
     proc = procs[0]
     started = time.monotonic()
     texts = []
     try:
         for p in procs:
-            p.start()
+            p.spawn()
+            assert p.pid is not None
+            samplers.append(ResourceSampler(p.pid, progress=lambda: ctx.sink.count - base))
+            samplers[-1].start()
+            p.wait_healthy(60)
         first = ctx.sink.wait_first(base, 120)
         if first is None:
             raise RuntimeError(f"service sent nothing:\n{proc.log_tail()}")
         timeout = 120 + ctx.expected / 100
         count, last = ctx.sink.wait_for(base + ctx.expected, timeout)
         time.sleep(0.3)  # let the ledger and counters settle before the scrape
-        peaks = [p.peak_rss() for p in procs]
-        texts = [p.metrics() for p in procs]
+        peaks = [sampler.peak_rss() for sampler in samplers]
+        texts = [p.metrics_text() for p in procs]
     finally:
-        codes = [p.stop() for p in procs]
+        for sampler in samplers:
+            sampler.stop()
+        codes = [p.stop(60) for p in procs]
     code = next((c for c in codes if c), codes[0])
     text = "\n".join(texts)
     peak = max(peaks)
@@ -292,9 +292,10 @@ def phase_service(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
     if done < ctx.expected:
         raise RuntimeError(f"service delivered {done} of {ctx.expected}:\n{proc.log_tail()}")
     seconds = last - first
-    cpu = sum(p.cpu_at(last) - p.cpu_at(first) for p in procs)
-    drain = [s for s in proc.samples if first <= s.t <= last]
-    rss = [s.rss for s in drain] or [proc.samples[-1].rss]
+    cpu = sum(sampler.cpu_at(last) - sampler.cpu_at(first) for sampler in samplers)
+    samples = samplers[0].samples
+    drain = [s for s in samples if first <= s.t <= last]
+    rss = [s.rss for s in drain] or [samples[-1].rss]
     # Memory flatness: RSS over the last 80 % of the drain against its first 20 %.
     cut = [s for s in drain if s.count >= 0.2 * ctx.expected]
     return {
@@ -320,7 +321,7 @@ def phase_service(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
         "exit_code": code,
         "series": [
             {"t": round(s.t - first, 3), "count": s.count, "rss_mb": round(s.rss / 2**20, 2)}
-            for s in proc.samples
+            for s in samples
         ],
     }
 
@@ -335,21 +336,18 @@ async def phase_latency(ctx: Context, topic: str) -> dict[str, Any]:
     stamps_path = ctx.work / "stamps.txt"
     sink = StampingSink(free_port(), stamps_path)
     sink.start()
-    proc = ServiceProcess(
-        service_env(ctx, topic, sink.port, "latency"),
-        free_port(),
-        ctx.work / "latency.log",
-        launcher=ctx.args.launcher,
+    proc = service_process(
+        ctx, service_env(ctx, topic, sink.port, "latency"), ctx.work / "latency.log"
     )
     try:
-        proc.start()
+        proc.start(60)
         await publish_paced(ctx.bootstrap, topic, warm, rate)
         await wait_sent(proc, warm_expected, 60)
         published = await publish_paced(ctx.bootstrap, topic, events, rate)
         await wait_sent(proc, warm_expected + expected, 60 + total / 50)
-        text = proc.metrics()
+        text = proc.metrics_text()
     finally:
-        proc.stop()
+        proc.stop(60)
         sink.stop()
     start = min(published.values())
     timeline = sorted(
@@ -388,7 +386,9 @@ async def wait_sent(proc: ServiceProcess, target: int, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         sent = metric_sum(
-            await asyncio.to_thread(proc.metrics), "notifier_notifications_total", outcome="sent"
+            await asyncio.to_thread(proc.metrics_text),
+            "notifier_notifications_total",
+            outcome="sent",
         )
         if sent >= target:
             return
@@ -413,19 +413,18 @@ def phase_profile(ctx: Context, topic: str) -> dict[str, Any]:
     for profiler in ctx.args.profilers:
         path = ctx.work / f"profile-{profiler}.out"
         base = ctx.sink.count
-        proc = ServiceProcess(
+        proc = service_process(
+            ctx,
             service_env(ctx, topic, ctx.sink.port, f"profile-{profiler}"),
-            free_port(),
             ctx.work / f"profile-{profiler}.log",
             profile_out=path,
             profiler=profiler,
-            launcher=ctx.args.launcher,
         )
         proc.start(timeout=90)
         try:
             ctx.sink.wait_for(base + target, 120 + target / 20)
         finally:
-            proc.stop()
+            proc.stop(60)
         files += render_profile(profiler, path, ctx.out)
     budget = breakdown(min(events, 3000))
     (ctx.out / "breakdown.json").write_text(json.dumps(budget, indent=2) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from devkit.devstack import terminate
+from devkit.process import listening, terminate
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _MESG = re.compile(rb"mesg=(\d+)")
@@ -113,11 +112,9 @@ class SmtpSink:
 
 
 def wait_port(port: int, timeout: float) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        if listening(port):
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")

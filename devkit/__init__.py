@@ -1,4 +1,13 @@
-"""Development and test tooling: local Kafka, SMTP capture, process launchers, event factories.
+"""Development and test tooling: local Kafka, SMTP servers, the service as a process, events.
 
-Not part of the service: nothing under service/ imports it (import-linter contract).
+Used by tests/, the fault suite (tests/faults/), benchmarks/ and `notifier dev`. Not part of
+the service: nothing under service/ imports it (an import-linter contract in pyproject.toml).
 """
+
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""The project checkout this tooling runs from (devkit/ is never installed)."""
+
+EXAMPLES = CHECKOUT / "examples"
+"""Example events, directory and attachment store."""

@@ -15,7 +15,7 @@ import weakref
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from devkit.devstack import free_port
+from devkit.process import free_port
 
 SUPERUSER = "postgres"
 # Test clusters only: the password is known to every test that connects.

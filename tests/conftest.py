@@ -1,4 +1,10 @@
-"""Shared fixtures: a real Kafka broker for the session, per-test topics, an SMTP recorder."""
+"""Shared fixtures: a real Kafka broker for the session, per-test topics, an SMTP recorder.
+
+Also the hypothesis profiles, chosen by HYPOTHESIS_PROFILE: `quick` (default: the unit tier
+in well under a minute), `ci` (what .ci/run uses: more examples per property) and
+`thorough` (on demand, e.g. before a release). No deadline in any of them: how fast a test
+runs on a shared machine is not what a property asserts (speed belongs in benchmarks/).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,21 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-from devkit.devstack import KafkaNode
+from devkit.kafka import KafkaNode
 from devkit.postgres import PostgresCluster, create_database, drop_database
-from tests.support import SmtpRecorder, create_topics, unique_topic
+from devkit.smtp import SmtpRecorder
+from devkit.topics import create_topics, unique_topic
 
 BOOTSTRAP_ENV = "NOTIFY_TEST_KAFKA_BOOTSTRAP"
 POSTGRES_ENV = "NOTIFY_TEST_POSTGRES_URL"
+
+_PROFILE_DEFAULTS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("quick", max_examples=25, **_PROFILE_DEFAULTS)
+settings.register_profile("ci", max_examples=100, **_PROFILE_DEFAULTS)
+settings.register_profile("thorough", max_examples=1000, **_PROFILE_DEFAULTS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,14 @@
-"""Hypothesis strategies: activities in wire shape (every lenient variant) and ActivityEvents."""
+"""Hypothesis strategies: activities in wire shape (every lenient variant) and ActivityEvents.
+
+Builders of fixed strategies are cached (`functools.cache`): a strategy object is
+immutable and reusable, and hypothesis validates each new one on its first draw, which
+cost more than the drawing itself when composites built them afresh for every example.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import string
 from collections.abc import Callable
@@ -52,16 +58,19 @@ _OFFSETS = (
 # --- canonical values (what a parsed Activity holds) ---------------------------------------
 
 
+@functools.cache
 def identifiers() -> st.SearchStrategy[str]:
     """Activity and ticket ids: numeric text or UUIDs."""
     return st.integers(1, 10**9).map(str) | st.uuids().map(str)
 
 
+@functools.cache
 def tokens() -> st.SearchStrategy[str]:
     """One list-field token: trimmed, no separators (so it survives the text form)."""
     return st.text(_TOKEN_ALPHABET, min_size=1, max_size=20).map(str.strip).filter(bool)
 
 
+@functools.cache
 def attachment_refs() -> st.SearchStrategy[str]:
     """Attachment store references such as `tickets/1042/quote.pdf`."""
     return st.builds(
@@ -72,11 +81,13 @@ def attachment_refs() -> st.SearchStrategy[str]:
     )
 
 
+@functools.cache
 def texts(alphabet: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[str]:
     """Free texts, including multi-line and non-ASCII ones."""
     return st.text(alphabet if alphabet is not None else st.characters(codec="utf-8"), max_size=120)
 
 
+@functools.cache
 def dates() -> st.SearchStrategy[dt.date | dt.datetime | None]:
     """Unset, a date, or a naive or offset-aware date-time."""
     moment = st.datetimes(dt.datetime(1990, 1, 1), dt.datetime(2100, 1, 1))
@@ -88,6 +99,7 @@ def dates() -> st.SearchStrategy[dt.date | dt.datetime | None]:
     )
 
 
+@functools.cache
 def times() -> st.SearchStrategy[dt.time | None]:
     """Unset or a whole-second time of day."""
     return st.none() | st.times().map(lambda t: t.replace(microsecond=0))
@@ -109,7 +121,7 @@ def activities(
     text = text if text is not None else texts()
 
     def some(strategy: st.SearchStrategy[str] | None) -> tuple[str, ...]:
-        return tuple(draw(st.lists(strategy if strategy is not None else tokens(), max_size=4)))
+        return tuple(draw(_up_to_four(strategy if strategy is not None else tokens())))
 
     return Activity(
         id=draw(identifiers()),
@@ -140,6 +152,12 @@ def activities(
     )
 
 
+@functools.cache
+def _up_to_four(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[list[str]]:
+    return st.lists(strategy, max_size=4)
+
+
+@functools.cache
 def customers() -> st.SearchStrategy[Customer]:
     """Customers with plain addresses in English or German."""
     local = st.text(string.ascii_lowercase + string.digits + "._-", min_size=1, max_size=12)
@@ -181,6 +199,7 @@ def activity_events(
 # --- wire encodings (every shape the lenient parser accepts) -------------------------------
 
 
+@functools.cache
 def wire_yes_no(value: bool) -> st.SearchStrategy[Any]:
     """Every accepted spelling of a yes/no preset."""
     word = st.sampled_from(["Yes", "yes", "YES", "Y", "y", "true", "True", "TRUE", " Yes "])

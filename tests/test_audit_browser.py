@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
-from devkit.devstack import free_port
+from devkit.process import free_port
 from service.delivery.ledger import DeadLetter, Entry, Key, Status
 from service.runtime.audit.auth import COOKIE
 from tests.audit_support import CSP, REFERENCE, TOKEN, audit_app, fill

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import service.runtime.app
-from devkit.devstack import free_port
+from devkit.process import free_port
 from service.delivery.ledger import Entry, Key, Ledger, Status
 from service.runtime.audit.auth import COOKIE
 from service.runtime.settings import Settings, SettingsError, load_settings

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from devkit.devstack import free_port
+from devkit.config import service_env
+from devkit.events import example, publish
+from devkit.process import ServiceProcess, free_port
+from devkit.smtp import SmtpRecorder
 from tests.audit_support import TOKEN
-from tests.inprocess import example, publish, service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
 
 pytestmark = pytest.mark.integration
 

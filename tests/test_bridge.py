@@ -16,11 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from devkit.topics import read_topic
 from service.cli.producer import add_producer_commands
 from service.core.backoff import backoff_delay
 from service.producer.backend import BackendClient, BackendError, TicketsUnsupported, format_since
@@ -44,7 +45,7 @@ from service.producer.cursor import (
 )
 from service.producer.publisher import Outgoing, Publisher
 from tests.fake_backend import FakeBackend
-from tests.test_publisher import parsed, read_topic
+from tests.test_publisher import parsed
 
 T0 = dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC)
 OVERLAP = dt.timedelta(seconds=60)
@@ -363,7 +364,6 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     steps=steps,
     page_size=st.integers(1, 4),

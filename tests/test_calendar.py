@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from icalendar import Calendar, Event
 
+from devkit.events import make_notification
 from service.core.calendar import CONTENT_TYPE, calendar_attachment, calendar_uid
 from service.core.message import Attachment, build_message
 from service.core.reminders import resolve_moment
 from service.core.render import RenderedMail
 from service.core.routing import CalendarEntry, Kind, Notification
-from tests.factories import make_notification
 
 UTC = dt.UTC
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
-EXAMPLES = ROOT / "examples"
-
-
-def notifier(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
-    clean.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=clean,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from devkit import EXAMPLES
+from devkit.process import run_notifier
 
 
 @pytest.mark.parametrize(
@@ -42,7 +25,7 @@ def notifier(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 )
 def test_bad_setting_stops_start_up_with_one_line(env: dict[str, str], named: str) -> None:
     env = {"NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"), **env}
-    result = notifier("run", env=env)
+    result = run_notifier("run", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -52,7 +35,7 @@ def test_bad_setting_stops_start_up_with_one_line(env: dict[str, str], named: st
 def test_broken_directory_file_names_the_entry(tmp_path: Path) -> None:
     directory = tmp_path / "directory.yaml"
     directory.write_text("users:\n  alice: { name: Alice, email: not-an-address }\n")
-    result = notifier(
+    result = run_notifier(
         "run",
         env={
             "NOTIFY_DIRECTORY_FILE": str(directory),
@@ -67,7 +50,7 @@ def test_broken_directory_file_names_the_entry(tmp_path: Path) -> None:
 
 def test_preview_writes_every_mail_of_an_event(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = notifier(
+    result = run_notifier(
         "preview",
         str(EXAMPLES / "events" / "01-customer-content.json"),
         "--out",
@@ -90,7 +73,7 @@ def test_preview_writes_every_mail_of_an_event(tmp_path: Path) -> None:
 
 
 def test_preview_prints_to_stdout_and_reports_invalid_events(tmp_path: Path) -> None:
-    ok = notifier(
+    ok = run_notifier(
         "preview",
         str(EXAMPLES / "events" / "04-supplier-request.json"),
         env={
@@ -102,7 +85,7 @@ def test_preview_prints_to_stdout_and_reports_invalid_events(tmp_path: Path) -> 
     assert ok.stdout.count("Subject: [T-1042] Printer on floor 3 jams") == 2
     bad = tmp_path / "bad.json"
     bad.write_text('{"specversion": "1.0"}')
-    result = notifier(
+    result = run_notifier(
         "preview", str(bad), env={"NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments")}
     )
     assert result.returncode == 1

@@ -84,7 +84,7 @@ def test_mounted_files_exist(compose: dict[str, Any]) -> None:
                 assert (ROOT / source).exists(), source
     env = notifier_env(compose)
     # Paths inside the image are the repository's paths under /app.
-    for name in ("NOTIFY_DIRECTORY_FILE", "NOTIFY_ATTACHMENTS_DIR", "NOTIFY_TEMPLATES_DIR"):
+    for name in ("NOTIFY_DIRECTORY_FILE", "NOTIFY_ATTACHMENTS_DIR"):
         assert env[name].startswith("/app/")
         assert (ROOT / env[name].removeprefix("/app/")).exists(), name
 
@@ -104,3 +104,19 @@ def test_every_image_is_pinned_to_a_version(compose: dict[str, Any]) -> None:
         assert tag != "latest", f"{name}: {image}"
         assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not a version"
     assert images["mailpit"].startswith("axllent/mailpit:v")
+
+
+def test_the_image_uses_its_packaged_templates_and_the_locked_dependencies(
+    compose: dict[str, Any],
+) -> None:
+    # The wheel carries the templates (tests/test_packaging.py): nothing points elsewhere.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "NOTIFY_TEMPLATES_DIR" not in notifier_env(compose)
+    assert "NOTIFY_TEMPLATES_DIR=" not in dockerfile
+    # Dependencies come from uv.lock, exported by the uv version the lock itself pins.
+    assert re.search(r"^COPY pyproject\.toml uv\.lock ", dockerfile, re.M)
+    assert "uv export --frozen" in dockerfile
+    assert "--require-hashes" in dockerfile
+    locked = re.search(r'^name = "uv"\nversion = "([^"]+)"', (ROOT / "uv.lock").read_text(), re.M)
+    assert locked is not None
+    assert f'pip install "uv=={locked[1]}"' in dockerfile

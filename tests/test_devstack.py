@@ -16,8 +16,9 @@ import aiosmtplib
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from devkit.devstack import KafkaNode, free_port, new_cluster_id, run_smtp_capture
-from tests.support import SmtpRecorder
+from devkit.kafka import KafkaNode, new_cluster_id
+from devkit.process import free_port
+from devkit.smtp import SmtpRecorder, run_smtp_capture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,6 +160,19 @@ async def test_smtp_server_fail_next(smtp_server: SmtpRecorder) -> None:
     with pytest.raises(aiosmtplib.SMTPDataError) as refused:
         await aiosmtplib.send(_mail("a@example.test"), hostname=host, port=port)
     assert refused.value.code == 554
+
+
+@pytest.mark.integration
+async def test_smtp_server_fail_next_rcpt(smtp_server: SmtpRecorder) -> None:
+    smtp_server.fail_next_rcpt(2, code=451)
+    host, port = smtp_server.host, smtp_server.port
+    for to in ("a@example.test", "b@example.test"):
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+            await aiosmtplib.send(_mail(to), hostname=host, port=port)
+        assert refused.value.recipients[0].code == 451
+    await aiosmtplib.send(_mail("a@example.test"), hostname=host, port=port)
+    assert smtp_server.rcpt_refusals == 2
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("a@example.test",)]
 
 
 @pytest.mark.integration

@@ -25,7 +25,7 @@ from service.delivery.dispatch import Dispatcher
 from service.delivery.ledger import DeliveryQuery, Key
 from service.delivery.ledger.sqlite import SqliteLedger
 from service.delivery.smtp import PermanentSmtpError, TransientSmtpError
-from service.delivery.workers import PooledBuilder
+from service.delivery.workers import PooledBuilder, WorkerPool
 from service.runtime.metrics import Metrics
 from service.runtime.settings import default_templates_dir
 
@@ -104,8 +104,29 @@ def record(value: bytes | None, key: bytes = b"1042", partition: int = 0) -> Rec
     return Record("t", partition, next(_offsets), key, value, (), int(time.time() * 1000))
 
 
+def mail_spec(store_dir: Path) -> MailSpec:
+    return MailSpec(
+        templates_dir=default_templates_dir(),
+        attachments_dir=store_dir,
+        max_attachment_bytes=10_000_000,
+        max_mail_bytes=20_000_000,
+        sender="Helpdesk <helpdesk@helpdesk.test>",
+        reply_to=None,
+        domain="helpdesk.test",
+    )
+
+
 class Rig:
-    def __init__(self, tmp_path: Path, workers: int = 0, **config: Any) -> None:
+    """A dispatcher with fakes around it; `workers` starts a pool of its own, `pool` lends one."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        workers: int = 0,
+        *,
+        pool: WorkerPool | None = None,
+        **config: Any,
+    ) -> None:
         self.mailer = FakeMailer()
         self.dlq = FakeDeadLetters()
         self.ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
@@ -120,18 +141,14 @@ class Rig:
             "retry_budget": 2.0,
         }
         defaults.update(config)
-        spec = MailSpec(
-            templates_dir=default_templates_dir(),
-            attachments_dir=self.store_dir,
-            max_attachment_bytes=10_000_000,
-            max_mail_bytes=20_000_000,
-            sender="Helpdesk <helpdesk@helpdesk.test>",
-            reply_to=None,
-            domain="helpdesk.test",
-        )
+        spec = mail_spec(self.store_dir)
         self.factory = spec.factory()
-        inline = InlineBuilder(self.factory)
-        self.builder: MailBuilder = PooledBuilder(spec, workers, inline) if workers else inline
+        self._inline = InlineBuilder(self.factory)
+        # Mails with attachments are built inline, from this rig's store; a lent pool only
+        # ever builds the others.
+        self._own_pool = WorkerPool(spec, workers) if workers else None
+        lent = pool or self._own_pool
+        self.builder: MailBuilder = PooledBuilder(lent, self._inline) if lent else self._inline
         self.dispatcher = Dispatcher(
             config=DeliveryConfig(**defaults),
             directory=Directory.empty(),
@@ -144,11 +161,14 @@ class Rig:
 
     async def open(self) -> None:
         await self.ledger.open()
-        await self.builder.start()
+        if self._own_pool is not None:
+            await self._own_pool.start()
 
     async def close(self) -> None:
         await self.ledger.close()
-        self.builder.close()
+        self._inline.close()
+        if self._own_pool is not None:
+            self._own_pool.close()
 
     def count(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -158,13 +178,27 @@ class Rig:
 MakeRig = Callable[..., Awaitable[Rig]]
 
 
+@pytest.fixture(scope="module")
+async def worker_pool(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkerPool]:
+    """One pool of one worker process for every [workers] rig of this module: a worker takes
+    longer to start than most tests here take to run. (Mails with attachments are built in
+    the service's process, never in the pool, so the pool's store is never read.)"""
+    pool = WorkerPool(mail_spec(tmp_path_factory.mktemp("pool-store")), 1)
+    await pool.start()
+    yield pool
+    pool.close()
+
+
 @pytest.fixture(params=[0, 1], ids=["inline", "workers"])
-async def make_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRig]:
-    """Rigs that build mails in process, or in a pool of one worker process."""
+async def make_rig(
+    request: pytest.FixtureRequest, tmp_path: Path, worker_pool: WorkerPool
+) -> AsyncIterator[MakeRig]:
+    """Rigs that build mails in process, or in the module's pool of one worker process."""
     rigs: list[Rig] = []
+    pool = worker_pool if request.param else None
 
     async def make(**config: Any) -> Rig:
-        r = Rig(tmp_path, request.param, **config)
+        r = Rig(tmp_path, pool=pool, **config)
         await r.open()
         rigs.append(r)
         return r

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -246,7 +246,6 @@ def test_to_wire_spells_fields_as_the_api_does() -> None:
 
 
 @given(wire_activity_pairs())
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 def test_every_wire_variant_parses_to_the_expected_activity(
     pair: tuple[dict[str, Any], Activity],
 ) -> None:
@@ -256,7 +255,6 @@ def test_every_wire_variant_parses_to_the_expected_activity(
 
 
 @given(activities())
-@settings(max_examples=200)
 def test_cloudevent_for_round_trips(original: Activity) -> None:
     assert parse_event(json.dumps(cloudevent_for(original)).encode(), {}).data.activity == original
 
@@ -536,7 +534,6 @@ def assert_parses_or_invalid(value: bytes, headers: dict[str, bytes | str]) -> N
 
 
 @given(st.binary(max_size=300), st.sampled_from([{}, binary_headers()]))
-@settings(max_examples=300)
 def test_arbitrary_bytes_only_raise_invalid_event(
     value: bytes, headers: dict[str, bytes | str]
 ) -> None:
@@ -544,7 +541,6 @@ def test_arbitrary_bytes_only_raise_invalid_event(
 
 
 @given(JSON, st.sampled_from([{}, binary_headers()]))
-@settings(max_examples=300)
 def test_arbitrary_json_only_raises_invalid_event(
     value: Any, headers: dict[str, bytes | str]
 ) -> None:
@@ -552,7 +548,6 @@ def test_arbitrary_json_only_raises_invalid_event(
 
 
 @given(wire_events(), st.data())
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 def test_mutated_events_only_raise_invalid_event(value: bytes, data: st.DataObject) -> None:
     event = json.loads(value)
     target = data.draw(st.sampled_from([event, event["data"], event["data"]["activity"]]))

@@ -47,11 +47,8 @@ WHEN = datetime(2026, 11, 27, 9, 15, tzinfo=UTC)
 STAGES = {"decode", "cloudevent", "type", "activity"}
 CONTENT_TYPE = {"content-type": b"application/cloudevents+json"}
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+# Examples per test, deadline and slowness checks come from the profile (tests/conftest.py).
+FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Strings that try to break out of a header, smuggle a recipient or confuse a decoder.
 INJECTIONS = (

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from devkit.devstack import free_port
-from tests.inprocess import service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
+from devkit.config import service_env
+from devkit.process import ServiceProcess, free_port
+from devkit.smtp import SmtpRecorder
 
 pytestmark = pytest.mark.integration
 

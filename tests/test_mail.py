@@ -14,8 +14,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from devkit.smtp import SmtpRecorder
 from service.delivery.smtp import PermanentSmtpError, SmtpConfig, SmtpPool, TransientSmtpError
-from tests.support import SmtpRecorder
 
 MESSAGE = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: hi\r\n\r\nhello\r\n"
 

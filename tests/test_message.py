@@ -9,16 +9,16 @@ import re
 from email.message import EmailMessage, MIMEPart
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devkit.events import make_notification
 from service.core.directory import Contact
 from service.core.message import AddressError, Attachment, build_message, message_id, thread_ids
 from service.core.mime import media_type, safe_filename, text_body
 from service.core.render import RenderedMail
 from service.core.routing import Kind
 from service.core.text import one_line as clean
-from tests.factories import make_notification
 
 DOMAIN = "helpdesk.test"
 WHEN = dt.datetime(2026, 11, 27, 9, 15, tzinfo=dt.UTC)
@@ -369,9 +369,7 @@ header_text = st.text(max_size=300)
 file_names = st.text(min_size=0, max_size=200)
 
 
-@settings(
-    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(database=None)
 @given(
     name=header_text,
     subject=header_text,

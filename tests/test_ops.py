@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Set
+from collections.abc import AsyncIterator, Iterator, Set
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import service.delivery.dead_letters
 import service.runtime.app
-from devkit.devstack import free_port
+from devkit.config import service_env
+from devkit.events import example, mixed_examples
+from devkit.process import ServiceProcess, free_port
+from devkit.smtp import SmtpRecorder
+from devkit.waiting import poll
 from service.runtime.logs import JsonFormatter
 from service.runtime.metrics import Metrics
 from service.runtime.settings import Settings, load_settings
-from tests.inprocess import example, mixed_examples, service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -632,17 +633,6 @@ async def running_service(
         await asyncio.to_thread(proc.stop, 30)
 
 
-async def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:  # noqa: ASYNC109
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await asyncio.to_thread(check)
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
 @pytest.mark.integration
 async def test_readyz_follows_smtp_on_the_real_service(
     running_service: ServiceProcess, smtp_server: SmtpRecorder
@@ -684,7 +674,7 @@ async def test_real_service_logs_json_lines_with_ids_and_never_texts(
         records = running_service.log_records()
         return sum(r.get("event_id") == event["id"] for r in records) >= 3
 
-    await poll(sent_lines, 10, "the 'sent' log lines")
+    await poll(sent_lines, 10, "the 'sent' log lines", interval=0.2, blocking=True)
     await asyncio.to_thread(running_service.stop, 30)
 
     output = running_service.log_text()

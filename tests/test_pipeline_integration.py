@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.inprocess import example_events, publish, running_service, service_settings
-from tests.support import SmtpRecorder
+from devkit.config import service_settings
+from devkit.events import example_events, publish
+from devkit.inprocess import running_service
+from devkit.smtp import SmtpRecorder
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,11 @@ import httpx
 import pytest
 import yaml
 
-from devkit.devstack import free_port, terminate
-from tests.inprocess import example, mixed_examples, publish, service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
+from devkit.config import service_env
+from devkit.events import example, mixed_examples, publish
+from devkit.process import ServiceProcess, free_port, terminate
+from devkit.smtp import SmtpRecorder
+from devkit.waiting import poll
 
 pytestmark = pytest.mark.integration
 
@@ -207,17 +208,6 @@ def service_values(text: str, name: str) -> dict[tuple[tuple[str, str], ...], fl
             labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', match[1] or "")))
             found[labels] = float(match[2])
     return found
-
-
-async def poll(check: Callable[[], Any], until: float, what: str) -> Any:
-    """Run the blocking `check` in a thread until it returns something true, or `until`."""
-    last: Any = None
-    while time.monotonic() < until:
-        last = await asyncio.to_thread(check)
-        if last:
-            return last
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture
@@ -512,6 +502,10 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
 ) -> None:
     started = time.monotonic()
     until = started + 90  # one budget for every wait below; pytest-timeout stops at 120 s
+
+    def left() -> float:
+        return until - time.monotonic()
+
     timings: dict[str, float] = {}
 
     def lap(name: str) -> None:
@@ -523,7 +517,11 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
     # The zeros of the pre-registered counters must be in Prometheus before anything
     # happens, or increase() has no starting point.
     await poll(
-        lambda: prom.query('notifier_dead_letters_total{stage="decode"} == 0'), until, "scrape"
+        lambda: prom.query('notifier_dead_letters_total{stage="decode"} == 0'),
+        left(),
+        "scrape",
+        interval=0.5,
+        blocking=True,
     )
     lap("first scrape")
 
@@ -542,7 +540,13 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
         )
         return done >= count
 
-    await poll(lambda: consumed(len(events) + 1), until, "the service to consume every record")
+    await poll(
+        lambda: consumed(len(events) + 1),
+        left(),
+        "the service to consume every record",
+        interval=0.5,
+        blocking=True,
+    )
     lap("records consumed")
     dead = service_values(service.metrics_text(), "notifier_dead_letters_total")
     assert dead[(("stage", "decode"),)] == 1
@@ -551,10 +555,22 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
     # Once the failure series exist in Prometheus, one more 4xx makes the SMTP failure ratio
     # rise within the rule's 5m window: the alert must go pending (its `for:` is 5m).
     transient = 'notifier_smtp_send_seconds_count{outcome="transient"}'
-    await poll(lambda: prom.query(transient), until, "the transient failure in Prometheus")
+    await poll(
+        lambda: prom.query(transient),
+        left(),
+        "the transient failure in Prometheus",
+        interval=0.5,
+        blocking=True,
+    )
     smtp_server.fail_next(1)
     await publish(kafka_bootstrap, topic, [example("05-follow-up.json")])
-    await poll(lambda: consumed(len(events) + 2), until, "the follow-up event")
+    await poll(
+        lambda: consumed(len(events) + 2),
+        left(),
+        "the follow-up event",
+        interval=0.5,
+        blocking=True,
+    )
     lap("follow-up consumed")
 
     # Every dashboard query returns data (the lag gauge appears after the service's first
@@ -591,7 +607,9 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
         rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
         return rules if all(r.get("lastEvaluation", "").startswith("20") for r in rules) else []
 
-    rules = await poll(rules_evaluated, until, "every rule to be evaluated")
+    rules = await poll(
+        rules_evaluated, left(), "every rule to be evaluated", interval=0.5, blocking=True
+    )
     assert {r["name"] for r in rules} == set(alert_exprs())
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
 
@@ -604,12 +622,20 @@ async def test_real_prometheus_runs_every_dashboard_query_and_fires_the_dead_let
         wanted = {("NotifierDeadLetters", "decode"), ("NotifierDeadLetters", "smtp")}
         return now if all(now.get(k) == "firing" for k in wanted) else {}
 
-    state = await poll(dead_letter_alerts_firing, until, "NotifierDeadLetters to fire")
+    state = await poll(
+        dead_letter_alerts_firing,
+        left(),
+        "NotifierDeadLetters to fire",
+        interval=0.5,
+        blocking=True,
+    )
     lap("dead-letter alert firing")
     state = await poll(
         lambda: alerts() if ("NotifierSmtpFailureRatioHigh", "") in alerts() else {},
-        until,
+        left(),
         "NotifierSmtpFailureRatioHigh to go pending",
+        interval=0.5,
+        blocking=True,
     )
     assert state[("NotifierSmtpFailureRatioHigh", "")] == "pending"
     firing = {name for (name, _), s in alerts().items() if s == "firing"}

@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from devkit.topics import KafkaRecord, read_topic
 from service.cli.producer import add_producer_commands, prepare, read_items
 from service.core.events import STRUCTURED_CONTENT_TYPE, InvalidEvent, Ticket, parse_event
 from service.producer.publisher import (
@@ -42,34 +41,7 @@ TICKET = Ticket.model_validate(
 )
 
 
-async def read_topic(
-    bootstrap: str, topic: str, *, at_least: int = 0, within: float = 30.0
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of the topic up to its end, once at least `at_least` are there."""
-    # Subscribed first, so that start() loads the topic's partitions; then assigned them all.
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.unsubscribe()
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        deadline = time.monotonic() + within
-        while True:
-            ends = await consumer.end_offsets(parts)
-            at_end = [await consumer.position(tp) >= ends[tp] for tp in parts]
-            if len(records) >= at_least and all(at_end):
-                return sorted(records, key=lambda r: (r.timestamp, r.partition, r.offset))
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(records)} of {at_least} records after {within} s")
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
-
-
-def parsed(record: ConsumerRecord[bytes, bytes]) -> Any:
+def parsed(record: KafkaRecord) -> Any:
     """The record exactly as the consumer parses it."""
     return parse_event(record.value, {k: bytes(v) for k, v in record.headers})
 
@@ -192,8 +164,8 @@ async def test_published_events_parse_exactly_as_the_consumer_expects(
     async with Publisher(kafka_bootstrap, topic) as publisher:
         first = await publisher.publish(ACTIVITY, ticket=TICKET)
         second = await publisher.publish({**ACTIVITY, "id": "5002"}, type="updated")
-        third = await publisher.publish_event(
-            json.loads(build_event({**ACTIVITY, "id": "5003"}).value)
+        [third] = await publisher.send(
+            [encode_event(json.loads(build_event({**ACTIVITY, "id": "5003"}).value))]
         )
     assert (first.topic, second.partition, third.partition) == (
         topic,

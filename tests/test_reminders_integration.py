@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from devkit.devstack import free_port
-from tests.inprocess import example, publish, service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
+from devkit.config import service_env
+from devkit.events import example, publish
+from devkit.process import ServiceProcess, free_port
+from devkit.smtp import SmtpRecorder
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.events import make_notification
 from service.core.directory import Contact
 from service.core.render import Renderer, RenderError, format_when, nl2br
 from service.core.routing import Kind
-from tests.factories import make_notification
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CUSTOMER_KINDS = (Kind.CUSTOMER_CONTENT, Kind.CUSTOMER_UPDATE)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.events import make_notification
 from service.core.message import message_id, thread_ids
 from service.core.render import Renderer, RenderError
 from service.core.routing import Kind
-from tests.factories import make_notification
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 REMINDERS = (Kind.FOLLOWUP_REMINDER, Kind.ACTION_REMINDER)

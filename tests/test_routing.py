@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from service.core.directory import Contact, Directory, normalize_token
@@ -472,11 +472,7 @@ def all_of(result: Any) -> list[Notification]:
     return [*result.notifications, *result.withheld]
 
 
-PROPERTY = settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-
-
 @given(routable(comments=st.uuids().map(lambda u: f"{MARK}internal-{u.hex}")), st.booleans())
-@PROPERTY
 def test_property_no_customer_or_supplier_mail_carries_the_comment(
     e: ActivityEvent, allow: bool
 ) -> None:
@@ -488,14 +484,12 @@ def test_property_no_customer_or_supplier_mail_carries_the_comment(
 
 
 @given(routable(), st.booleans())
-@PROPERTY
 def test_property_comment_text_is_empty_outside_staff_mail(e: ActivityEvent, allow: bool) -> None:
     for mail in all_of(route(e, DIRECTORY, RoutingPolicy(allow))):
         assert mail.comment_text == "" or mail.kind is Kind.STAFF
 
 
 @given(routable(), st.booleans())
-@PROPERTY
 def test_property_invoices_are_never_in_supplier_or_staff_attachments(
     e: ActivityEvent, allow: bool
 ) -> None:
@@ -506,7 +500,6 @@ def test_property_invoices_are_never_in_supplier_or_staff_attachments(
 
 
 @given(routable())
-@PROPERTY
 def test_property_at_most_one_staff_mail_per_address(e: ActivityEvent) -> None:
     staff = by_kind(route(e, DIRECTORY, ALLOW).notifications, Kind.STAFF)
     counts = Counter(n.recipient.email.lower() for n in staff)
@@ -514,14 +507,12 @@ def test_property_at_most_one_staff_mail_per_address(e: ActivityEvent) -> None:
 
 
 @given(routable())
-@PROPERTY
 def test_property_keys_are_unique_within_a_result(e: ActivityEvent) -> None:
     keys = [n.key for n in all_of(route(e, DIRECTORY, RoutingPolicy()))]
     assert len(keys) == len(set(keys))
 
 
 @given(routable())
-@PROPERTY
 def test_property_the_author_is_never_notified(e: ActivityEvent) -> None:
     token = e.data.activity.activity_user
     staff = by_kind(route(e, DIRECTORY, ALLOW).notifications, Kind.STAFF)
@@ -538,7 +529,6 @@ def test_property_the_author_is_never_notified(e: ActivityEvent) -> None:
 
 
 @given(routable(), st.booleans())
-@PROPERTY
 def test_property_personal_data_never_reaches_suppliers_unless_allowed(
     e: ActivityEvent, allow: bool
 ) -> None:

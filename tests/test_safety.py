@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import time
@@ -11,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from devkit.devstack import child_environ, free_port
-from tests.faults.harness import read_topic
-from tests.inprocess import example, service_env
-from tests.service_process import REPO, ServiceProcess
-from tests.support import SmtpRecorder
+from devkit import CHECKOUT as REPO
+from devkit.config import service_env
+from devkit.events import CLOUDEVENT_HEADERS, encode, example, ticket_key
+from devkit.process import ServiceProcess, child_environ, free_port
+from devkit.smtp import SmtpRecorder
+from devkit.topics import Record, read_topic
+from devkit.topics import produce as produce_records
 
 pytestmark = pytest.mark.integration
 
@@ -40,19 +40,11 @@ def customer_mail(activity_id: str) -> dict[str, Any]:
 async def produce(
     bootstrap: str, topic: str, events: list[dict[str, Any]], timestamp_ms: int | None = None
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            await producer.send_and_wait(
-                topic,
-                value=json.dumps(event).encode(),
-                key=event["data"]["activity"]["ticketID"].encode(),
-                headers=[("content-type", b"application/cloudevents+json")],
-                timestamp_ms=timestamp_ms,
-            )
-    finally:
-        await producer.stop()
+    await produce_records(
+        bootstrap,
+        topic,
+        [Record(ticket_key(ev), encode(ev), CLOUDEVENT_HEADERS, timestamp_ms) for ev in events],
+    )
 
 
 async def dead_letter_stages(bootstrap: str, dlq: str) -> list[str | None]:

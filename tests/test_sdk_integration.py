@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tests.inprocess import running_service, service_settings
-from tests.support import SmtpRecorder
+from devkit.config import service_settings
+from devkit.inprocess import running_service
+from devkit.smtp import SmtpRecorder
 from tests.test_events_sdk import MODES, TRACEPARENT, Message
 
 pytestmark = pytest.mark.integration

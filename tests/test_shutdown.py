@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from devkit.devstack import free_port
-from tests.inprocess import publish, service_env
-from tests.service_process import ServiceProcess
-from tests.support import SmtpRecorder
+from devkit.config import service_env
+from devkit.events import publish
+from devkit.process import ServiceProcess, free_port
+from devkit.smtp import SmtpRecorder
 
 pytestmark = pytest.mark.integration
 

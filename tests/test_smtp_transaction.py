@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devkit.smtp import SmtpRecorder
 from service.delivery.smtp import PermanentSmtpError, SmtpConfig, SmtpPool
 from service.delivery.smtp_wire import (
     END_OF_DATA,
@@ -25,7 +26,6 @@ from service.delivery.smtp_wire import (
     envelope_address,
     send_transaction,
 )
-from tests.support import SmtpRecorder
 
 
 def unstuff(payload: bytes) -> bytes:

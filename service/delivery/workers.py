@@ -82,15 +82,14 @@ class PooledBatch:
         await asyncio.gather(*self.chunks, return_exceptions=True)
 
 
-class PooledBuilder:
+class WorkerPool:
     """`workers` processes, each with its own MailFactory (templates, attachment cache)."""
 
-    def __init__(self, spec: MailSpec, workers: int, inline: InlineBuilder) -> None:
+    def __init__(self, spec: MailSpec, workers: int) -> None:
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
         self._spec = spec
         self.workers = workers
-        self._inline = inline
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -114,23 +113,8 @@ class PooledBuilder:
         size = min(CHUNK_MAX, max(1, -(-len(ns) // self.workers)))
         return [ns[i : i + size] for i in range(0, len(ns), size)]
 
-    def batch(self, ahead: Sequence[Notification]) -> PooledBatch:
-        """Send the mails without attachments to the workers, in order, each key once."""
-        batch = PooledBatch(self._inline.batch(()))
-        todo: list[Notification] = []
-        seen: set[Key] = set()
-        for n in ahead:
-            if not n.attachments and n.key not in seen:
-                seen.add(n.key)
-                todo.append(n)
-        for chunk in self.chunks(todo):
-            task = asyncio.create_task(self._build_chunk(chunk))
-            batch.chunks.append(task)
-            for i, n in enumerate(chunk):
-                batch.ahead[n.key] = _Ahead(n, task, i)
-        return batch
-
-    async def _build_chunk(self, ns: Sequence[Notification]) -> list[Outcome]:
+    async def build_chunk(self, ns: Sequence[Notification]) -> list[Outcome]:
+        """One chunk's outcomes, in order (BrokenProcessPool if its worker died)."""
         executor = self._executor
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, _build_chunk, ns)
@@ -144,6 +128,37 @@ class PooledBuilder:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class PooledBuilder:
+    """The MailBuilder that hands a batch's mails without attachments to a WorkerPool, and
+    builds the others inline, in this process, just before they are sent."""
+
+    def __init__(self, pool: WorkerPool, inline: InlineBuilder) -> None:
+        self.pool = pool
+        self._inline = inline
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    def batch(self, ahead: Sequence[Notification]) -> PooledBatch:
+        """Send the mails without attachments to the workers, in order, each key once."""
+        batch = PooledBatch(self._inline.batch(()))
+        todo: list[Notification] = []
+        seen: set[Key] = set()
+        for n in ahead:
+            if not n.attachments and n.key not in seen:
+                seen.add(n.key)
+                todo.append(n)
+        for chunk in self.pool.chunks(todo):
+            task = asyncio.create_task(self.pool.build_chunk(chunk))
+            batch.chunks.append(task)
+            for i, n in enumerate(chunk):
+                batch.ahead[n.key] = _Ahead(n, task, i)
+        return batch
+
+    def close(self) -> None:
+        self.pool.close()
         self._inline.close()
 
 

@@ -183,10 +183,6 @@ class Publisher:
         )
         return (await self.send([outgoing]))[0]
 
-    async def publish_event(self, event: Mapping[str, Any]) -> Published:
-        """Send a ready CloudEvent after checking it with parse_event (InvalidEvent if bad)."""
-        return (await self.send([encode_event(event)]))[0]
-
     async def send(self, events: Sequence[Outgoing]) -> list[Published]:
         """Send encoded events, all in flight at once; return when Kafka acknowledged every one.
 

@@ -17,7 +17,7 @@ from service.delivery.config import DeliveryConfig
 from service.delivery.ledger import LedgerConfig
 from service.delivery.reminding import ReminderConfig
 from service.delivery.smtp import SmtpConfig
-from service.delivery.workers import PooledBuilder
+from service.delivery.workers import PooledBuilder, WorkerPool
 from service.runtime.metrics import Metrics
 from service.runtime.settings import Settings, SettingsError
 
@@ -65,7 +65,7 @@ def mail_builder(parts: Parts) -> MailBuilder:
     """Worker processes when NOTIFY_RENDER_WORKERS > 0, else this process."""
     inline = InlineBuilder(parts.factory)
     workers = parts.settings.render_workers
-    return PooledBuilder(parts.spec, workers, inline) if workers else inline
+    return PooledBuilder(WorkerPool(parts.spec, workers), inline) if workers else inline
 
 
 def mail_spec(settings: Settings) -> MailSpec:

@@ -28,21 +28,16 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from devkit.devstack import free_port
-from service.core.directory import Directory
-from service.core.events import cloudevent_for, parse_event
+from devkit import CHECKOUT
+from devkit.config import service_env as shared_service_env
+from devkit.events import routing_of
+from devkit.smtp import Received, SmtpRecorder
+from devkit.topics import KafkaRecord, produce, read_topic
+from devkit.waiting import poll
+from service.core.events import cloudevent_for
 from service.core.message import message_id
-from service.core.routing import RoutingPolicy, route
-from tests.inprocess import service_env as shared_service_env
-from tests.support import Received, SmtpRecorder
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
 
 FULL = os.environ.get("NOTIFY_FAULTS_FULL", "").strip() not in ("", "0", "false", "no")
 """NOTIFY_FAULTS_FULL=1: the full run (≥ 1,000 notifications per case, long outages)."""
@@ -50,7 +45,7 @@ FULL = os.environ.get("NOTIFY_FAULTS_FULL", "").strip() not in ("", "0", "false"
 SEED = int(os.environ.get("NOTIFY_FAULTS_SEED") or random.SystemRandom().randrange(10**9))
 """NOTIFY_FAULTS_SEED reproduces a run's events, poison placement and fault moments."""
 
-REPORT_DIR = Path(os.environ.get("NOTIFY_FAULTS_REPORT_DIR") or REPO / "benchmarks" / "out")
+REPORT_DIR = Path(os.environ.get("NOTIFY_FAULTS_REPORT_DIR") or CHECKOUT / "benchmarks" / "out")
 
 MAIL_FROM = "Helpdesk <helpdesk@helpdesk.test>"
 DOMAIN = "helpdesk.test"
@@ -101,8 +96,7 @@ def expected_message_ids(
     value: bytes, headers: Mapping[str, bytes], *, unresolved_ok: bool = False
 ) -> list[tuple[str, str]]:
     """(Message-ID, recipient) of every mail the service must send for this event."""
-    event = parse_event(value, dict(headers))
-    result = route(event, Directory.empty(), RoutingPolicy())
+    result = routing_of(value, headers)
     assert unresolved_ok or not result.unresolved, f"unresolved recipients: {result.unresolved}"
     return [(message_id(n, DOMAIN), n.recipient.email.lower()) for n in result.notifications]
 
@@ -138,6 +132,11 @@ class EventFactory:
 
     def ticket_key(self, ticket: int) -> bytes:
         return f"{self.run_id}-t{ticket}".encode()
+
+    def ticket_of(self, key: bytes | None) -> int:
+        """The ticket number of a key made by ticket_key()."""
+        assert key is not None
+        return int(key.decode().rpartition("-t")[2])
 
     def event(
         self,
@@ -304,19 +303,8 @@ def interleave(rng: random.Random, good: list[Outgoing], extra: list[Outgoing]) 
 
 async def publish(bootstrap: str, topic: str, records: Sequence[Outgoing]) -> list[Published]:
     """Publish in order (idempotent producer: per-partition order kept); where each landed."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
-    )
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(topic, value=r.value, key=r.key, headers=list(r.headers))
-            for r in records
-        ]
-        metas = await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return [Published(r, m.partition, m.offset) for r, m in zip(records, metas, strict=True)]
+    landed = await produce(bootstrap, topic, records)
+    return [Published(r, *where) for r, where in zip(records, landed, strict=True)]
 
 
 # --- counting mail -----------------------------------------------------------------------
@@ -406,134 +394,7 @@ def count_mail(messages: Sequence[Received], expected: frozenset[str]) -> MailCo
     )
 
 
-# --- Kafka side --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-
-    def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k == name:
-                return v.decode("utf-8", "replace")
-        return None
-
-
-async def read_topic(bootstrap: str, topic: str, within: float = 30) -> list[DeadLetter]:
-    """Every record of `topic` up to its current end (no consumer group)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        fetch_max_bytes=16 * 1024 * 1024,
-    )
-    parts = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
-    if not parts:
-        return []
-    await consumer.start()
-    out: list[DeadLetter] = []
-    try:
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        deadline = time.monotonic() + within
-        for tp in parts:
-            while await consumer.position(tp) < ends[tp]:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading {topic} took over {within} s")
-                batch = await consumer.getmany(tp, timeout_ms=500)
-                for records in batch.values():
-                    out.extend(
-                        DeadLetter(
-                            r.partition,
-                            r.offset,
-                            r.key,
-                            r.value,
-                            tuple((k, bytes(v)) for k, v in r.headers),
-                        )
-                        for r in records
-                        if r.offset < ends[tp]
-                    )
-    finally:
-        await stop_quietly(consumer)
-    return out
-
-
-async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
-    """consumer.stop(), minus aiokafka's CancelledError when stopped right after start.
-
-    (NoGroupCoordinator.close awaits a task it just cancelled; if that task never ran,
-    the await raises CancelledError although nobody cancelled us.)
-    """
-    try:
-        await consumer.stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-
-
-_PARTITIONS: dict[tuple[str, str], list[int]] = {}
-
-
-async def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    """The topic's partition ids (cached: the suite never changes them).
-
-    Not consumer.partitions_for_topic(): a consumer without a subscription has no
-    metadata for the topic and answers None.
-    """
-    if (bootstrap, topic) not in _PARTITIONS:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-        await admin.start()
-        try:
-            described = await admin.describe_topics([topic])
-        finally:
-            await admin.close()
-        ids = sorted(p["partition"] for t in described for p in t.get("partitions", []))
-        if not ids:
-            return []
-        _PARTITIONS[bootstrap, topic] = ids
-    return _PARTITIONS[bootstrap, topic]
-
-
-async def group_members(bootstrap: str, group: str) -> tuple[str, list[str]]:
-    """(state, member ids) of a consumer group, as the group coordinator sees it."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        responses = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    for response in responses:
-        for described in response.groups:
-            # (error_code, group_id, state, protocol_type, protocol, members[, ...])
-            _, group_id, state, _, _, members = described[:6]
-            if group_id == group:
-                return str(state), sorted(str(m[0]) for m in members)
-    return "Unknown", []
-
-
-async def group_caught_up(bootstrap: str, topic: str, group: str) -> bool:
-    """Whether the group has committed every partition of `topic` up to its end."""
-    parts = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(parts)
-    finally:
-        await stop_quietly(consumer)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group, partitions=parts)
-    finally:
-        await admin.close()
-    return all(tp in committed and committed[tp].offset >= ends[tp] for tp in parts)
+# --- the service -------------------------------------------------------------------------
 
 
 def ledger_sent_ids(path: Path) -> set[str]:
@@ -578,30 +439,7 @@ def service_env(
     )
 
 
-def new_http_port() -> int:
-    return free_port()
-
-
 # --- waiting -----------------------------------------------------------------------------
-
-
-async def until(
-    check: Callable[[], bool | Awaitable[bool]],
-    within: float,
-    what: Callable[[], str],
-    interval: float = 0.05,
-) -> None:
-    """Poll `check` until true; AssertionError naming what is missing after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {within:.0f} s: {what()}")
-        await asyncio.sleep(interval)
 
 
 async def wait_for_mail(
@@ -614,19 +452,21 @@ async def wait_for_mail(
     quiet: float = 6.0,
     stall: float = 0,
 ) -> bool:
-    """Wait until every expected Message-ID arrived, then `settle` s for stragglers.
+    """Wait until every expected Message-ID arrived, then up to `settle` s for stragglers.
 
-    Gives up early when no mail arrived for `quiet` s and `finished()` says the service is
-    done (its group committed everything), or when none arrived for `stall` s (if set):
-    what is missing then will not come. Returns whether all arrived; the report says
-    what is missing.
+    The settling ends early once `finished()` says the service is done (its group committed
+    everything): it commits a record only after its mails were accepted and recorded, so
+    nothing more can come for what was published (and the case counts mail only later).
+    Gives up early when no mail arrived for `quiet` s and `finished()` says so too, or when
+    none arrived for `stall` s (if set): what is missing then will not come. Returns
+    whether all arrived; the report says what is missing.
     """
     deadline = time.monotonic() + within
     last_count, last_change = -1, time.monotonic()
     while True:
         count = index.received(expected)
         if count == len(expected):
-            await asyncio.sleep(settle)
+            await settled(finished, settle)
             return True
         now = time.monotonic()
         if count != last_count:
@@ -640,9 +480,13 @@ async def wait_for_mail(
         await asyncio.sleep(0.1)
 
 
-def missing_text(index: MailIndex, expected: frozenset[str]) -> str:
-    missing = index.missing(expected)
-    return f"{len(missing)} of {len(expected)} Message-IDs missing, e.g. {missing[:5]}"
+async def settled(finished: Callable[[], Awaitable[bool]] | None, within: float) -> None:
+    """Wait `within` s, or less once `finished()` is true."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if finished is not None and await finished():
+            return
+        await asyncio.sleep(0.1)
 
 
 async def wait_for_dead_letters(bootstrap: str, dlq: str, count: int, within: float) -> None:
@@ -653,7 +497,7 @@ async def wait_for_dead_letters(bootstrap: str, dlq: str, count: int, within: fl
         seen[0] = len(await read_topic(bootstrap, dlq))
         return seen[0] >= count
 
-    await until(enough, within, lambda: f"{seen[0]} of {count} dead letters in {dlq}", interval=1.0)
+    await poll(enough, within, lambda: f"{seen[0]} of {count} dead letters in {dlq}", interval=1.0)
 
 
 # --- reports -----------------------------------------------------------------------------
@@ -741,8 +585,19 @@ def write_reports(reports: Sequence[CaseReport], started: float) -> Path:
     return path
 
 
+def origin(letter: KafkaRecord) -> tuple[int, int] | None:
+    """(partition, offset) of the record a dead letter stands for; None if not stated."""
+    try:
+        return (
+            int(letter.header("x-original-partition") or ""),
+            int(letter.header("x-original-offset") or ""),
+        )
+    except ValueError:
+        return None
+
+
 def check_dead_letters(
-    topic: str, published: Sequence[Published], dlq: Sequence[DeadLetter]
+    topic: str, published: Sequence[Published], dlq: Sequence[KafkaRecord]
 ) -> list[str]:
     """What is wrong with the dead-letter topic, given what was published (empty: all good).
 
@@ -751,24 +606,20 @@ def check_dead_letters(
     nothing else may be.
     """
     wanted = {(p.partition, p.offset): p for p in published if p.record.poison or p.record.refused}
-    seen: dict[tuple[int, int], list[DeadLetter]] = defaultdict(list)
+    seen: dict[tuple[int, int], list[KafkaRecord]] = defaultdict(list)
     problems: list[str] = []
     for letter in dlq:
-        try:
-            origin = (
-                int(letter.header("x-original-partition") or ""),
-                int(letter.header("x-original-offset") or ""),
-            )
-        except ValueError:
+        where = origin(letter)
+        if where is None:
             problems.append(
                 f"dead letter {letter.partition}/{letter.offset}: no x-original-partition/offset"
             )
             continue
-        seen[origin].append(letter)
-    for origin, letters in seen.items():
-        item = wanted.get(origin)
+        seen[where].append(letter)
+    for (partition, offset), letters in seen.items():
+        item = wanted.get((partition, offset))
         if item is None:
-            problems.append(f"unexpected dead letter for {topic}/{origin[0]}/{origin[1]}")
+            problems.append(f"unexpected dead letter for {topic}/{partition}/{offset}")
             continue
         if len(letters) > 1:
             problems.append(f"{item.record.label}: dead-lettered {len(letters)} times")
@@ -797,35 +648,10 @@ def check_dead_letters(
             problems.append(
                 f"{item.record.label}: headers {original!r} != {list(item.record.headers)!r}"
             )
-    for origin, item in wanted.items():
-        if origin not in seen:
-            problems.append(
-                f"{item.record.label} ({topic}/{origin[0]}/{origin[1]}) not dead-lettered"
-            )
+    for (partition, offset), item in wanted.items():
+        if (partition, offset) not in seen:
+            problems.append(f"{item.record.label} ({topic}/{partition}/{offset}) not dead-lettered")
     return problems
-
-
-class PacedSmtp(SmtpRecorder):
-    """An SmtpRecorder that takes its time over each message, like a real MTA.
-
-    `delay` seconds pass before the message is accepted (recorded), `reply_delay` more
-    before the 250 goes out: a client killed in that second window leaves a message the
-    server accepted but the client never saw accepted (the one duplicate SMTP allows).
-    Pacing also keeps a run long enough for faults to land mid-stream.
-    """
-
-    def __init__(self, delay: float, reply_delay: float = 0.0) -> None:
-        super().__init__()
-        self.delay = delay
-        self.reply_delay = reply_delay
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.delay > 0:
-            await asyncio.sleep(self.delay)
-        reply = await super().handle_DATA(server, session, envelope)
-        if self.reply_delay > 0 and reply.startswith("250"):
-            await asyncio.sleep(self.reply_delay)
-        return reply
 
 
 def largest_value(key: bytes | None, limit: int = 1024 * 1024) -> int:
@@ -842,18 +668,3 @@ def largest_value(key: bytes | None, limit: int = 1024 * 1024) -> int:
         else:
             high = mid - 1
     return low
-
-
-async def set_topic_config(bootstrap: str, topic: str, configs: Mapping[str, str]) -> None:
-    """Replace the topic's config overrides (AlterConfigs) with `configs`."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        responses = await admin.alter_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict(configs))]
-        )
-    finally:
-        await admin.close()
-    for response in responses:
-        for error_code, message, *_ in response.resources:
-            assert error_code == 0, f"alter_configs {topic}: {error_code} {message}"

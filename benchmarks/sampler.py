@@ -1,29 +1,22 @@
-"""(c) The service as a child process (`python -m service run`), watched with psutil.
+"""CPU and RSS of the service while it works, sampled with psutil; /metrics text parsing.
 
-A subprocess is the honest way to measure the service alone: its CPU time and RSS are
-not mixed with the harness, the broker client that pre-loads the backlog, or the sinks.
-They are summed over the service and its children: the render workers are the service too.
+The service runs as a child process (devkit.process.ServiceProcess): the honest way to
+measure it alone, its CPU time and RSS not mixed with the harness, the broker client that
+pre-loads the backlog, or the sinks. They are summed over the service and its children:
+the render workers are the service too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
-
-from devkit.devstack import child_environ
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(slots=True)
@@ -35,61 +28,26 @@ class Sample:
 
 
 @dataclass
-class ServiceProcess:
-    """Start, sample (CPU, RSS every `interval` s), scrape /metrics, stop."""
+class ResourceSampler:
+    """Samples (CPU, RSS) of process `pid` and its children every `interval` s until stop()."""
 
-    env: Mapping[str, str]
-    http_port: int
-    log_path: Path
-    profile_out: Path | None = None  # run under a profiler, writing here on exit
-    profiler: str = "pyinstrument"  # or "cprofile"
+    pid: int
     progress: Callable[[], int] | None = None  # e.g. the sink's counter, recorded per sample
-    launcher: bool = False  # `python -m benchmarks.serve` instead of `python -m service run`
     interval: float = 0.1
     samples: list[Sample] = field(default_factory=list)
-    _proc: subprocess.Popen[bytes] | None = None
     _ps: psutil.Process | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self, timeout: float = 60) -> None:
-        environ = child_environ(self.env)
-        environ["NOTIFY_HTTP_HOST"] = "127.0.0.1"
-        environ["NOTIFY_HTTP_PORT"] = str(self.http_port)
-        command = [sys.executable]
-        if self.profile_out is not None and self.profiler == "cprofile":
-            command += ["-m", "cProfile", "-o", str(self.profile_out)]
-        elif self.profile_out is not None:
-            command += ["-m", "pyinstrument", "-r", "pyisession", "-o", str(self.profile_out)]
-        command += ["-m", "benchmarks.serve"] if self.launcher else ["-m", "service", "run"]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env=environ,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._ps = psutil.Process(self._proc.pid)
+    def start(self) -> None:
+        self._ps = psutil.Process(self.pid)
         self._thread = threading.Thread(target=self._sample, name="service-sampler", daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=1.0) as client:
-            while time.monotonic() < deadline:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"service exited:\n{self.log_tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{self.base_url}/healthz").status_code == 200:
-                        return
-                time.sleep(0.05)
-        raise RuntimeError(f"service not healthy after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
 
     def _tree(self) -> list[psutil.Process]:
         """The service and its worker processes (NOTIFY_RENDER_WORKERS): all count."""
@@ -140,32 +98,6 @@ class ServiceProcess:
                 if found:
                     peaks += int(found[1]) * 1024
         return max(sampled, peaks)
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.base_url}/metrics", timeout=10).text
-
-    def stop(self, timeout: float = 60) -> int | None:
-        self._stop.set()
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            # SIGTERM is how the service is stopped in production; under a profiler SIGINT,
-            # which ends in KeyboardInterrupt, so that the profiler still writes its report.
-            proc.send_signal(signal.SIGINT if self.profile_out is not None else signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._thread is not None:
-            self._thread.join(2)
-        return proc.returncode
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
