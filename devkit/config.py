@@ -16,6 +16,8 @@ TEST_TIMINGS: Mapping[str, Any] = {
     "retry_max_seconds": 0.5,
     "retry_budget_seconds": 10.0,
     "session_timeout_ms": 6000,
+    # A killed instance's claims hold its unfinished mails this long (twice the SMTP timeout).
+    "claim_lease_seconds": 10,
 }
 """Short timeouts and retries, so that tests of failures do not wait for production values."""
 

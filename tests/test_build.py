@@ -19,7 +19,7 @@ import pytest
 from service.core.directory import Contact
 from service.core.routing import Kind, Notification
 from service.delivery.build import Built, InlineBuilder, MailSpec, NotBuilt
-from service.delivery.workers import CHUNK_MAX, PooledBuilder
+from service.delivery.workers import CHUNK_MAX, PooledBuilder, WorkerPool
 from service.runtime.settings import default_templates_dir
 
 
@@ -66,7 +66,7 @@ def test_chunks_share_the_work_and_stay_small(
     pool = pooled(tmp_path, workers)
     try:
         ns = [notification(i) for i in range(count)]
-        chunks = pool.chunks(ns)
+        chunks = pool.pool.chunks(ns)
         assert [len(c) for c in chunks] == sizes
         assert [n for c in chunks for n in c] == ns
     finally:
@@ -74,7 +74,7 @@ def test_chunks_share_the_work_and_stay_small(
 
 
 def pooled(store: Path, workers: int) -> PooledBuilder:
-    return PooledBuilder(spec(store), workers, InlineBuilder(spec(store).factory()))
+    return PooledBuilder(WorkerPool(spec(store), workers), InlineBuilder(spec(store).factory()))
 
 
 async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) 
     pool = pooled(tmp_path, 1)
     try:
         # Mails with attachments are built inline even with workers: ask a worker directly.
-        remote = await pool._build_chunk(ns)
+        remote = await pool.pool.build_chunk(ns)
     finally:
         pool.close()
     assert [type(o) for o in remote] == [Built, Built, NotBuilt, NotBuilt, NotBuilt]

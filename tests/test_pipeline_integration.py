@@ -122,7 +122,8 @@ async def test_example_events_become_the_expected_mails(
     staff = parsed[("bob@helpdesk.test", "5003", "staff")]
     note = events[2]["data"]["activity"]
     assert note["commentText"].splitlines()[0] in body(staff, "plain")
-    assert list(staff.iter_attachments()) == []
+    # Attachments are listed by name, never attached; the only file is the follow-up's .ics.
+    assert [a.get_content_type() for a in staff.iter_attachments()] == ["text/calendar"]
 
     supplier = parsed[("orders@acme.test", "5004", "supplier")]
     names = sorted(a.get_filename() for a in supplier.iter_attachments())
