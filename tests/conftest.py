@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -110,3 +112,41 @@ def postgres_url(request: pytest.FixtureRequest, postgres_server: str) -> Iterat
     name = f"t_{uuid.uuid4().hex[:16]}"
     yield create_database(postgres_server, name)
     drop_database(postgres_server, name)
+
+
+# --- a real browser: Debian's chromium, driven by Playwright (never its own download) ------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium for the page and mail layout tests (a playwright Browser)."""
+    from playwright.sync_api import sync_playwright  # only the browser tests load it
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--headless",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: $NOTIFY_SCREENSHOTS_DIR, else a temporary folder."""
+    chosen = os.environ.get("NOTIFY_SCREENSHOTS_DIR")
+    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -12,25 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from service.core.directory import load_directory
 from service.core.events import parse_event
 from service.core.render import Renderer
 from service.core.routing import Kind, Notification, RoutingPolicy, route
+from tests.conftest import CHROMIUM
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-CHROMIUM = "/usr/bin/chromium"
 WIDTHS = (390, 800)
 PHOTOS = "https://portal.helpdesk.test/tickets/1042/photos/fuser-unit-worn-2026-11-27-09-15.jpg"
 
@@ -62,36 +60,6 @@ def mails() -> dict[str, Notification]:
             "04-supplier-request.json", Kind.SUPPLIER, "service@druckhaus.test"
         ),
     }
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--headless",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where screenshots go: $NOTIFY_SCREENSHOTS_DIR, else a temporary folder."""
-    chosen = os.environ.get("NOTIFY_SCREENSHOTS_DIR")
-    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def open_mail(browser: Browser, html: str, width: int) -> Page:
