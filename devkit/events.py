@@ -111,6 +111,17 @@ STAFF = Contact(name="Bob Lee", email="bob@helpdesk.test", locale="de")
 SUPPLIER = Contact(name="ACME Parts", email="orders@acme.test", locale="en")
 
 
+# What staff mail and reminders (which carry staff mail's content) show by default.
+_STAFF_CONTENT: dict[str, Any] = {
+    "recipient": STAFF,
+    "activity_type": "E-mail",
+    "author": "Alice Jones",
+    "activity_text": "The technician comes on Monday.",
+    "update_text": "Your ticket is in progress.",
+    "comment_text": "Customer is on the VIP list.",
+}
+
+
 def _defaults(kind: Kind) -> dict[str, Any]:
     """Fields routing would fill for `kind` (contract §2); texts a kind must not carry stay ""."""
     base: dict[str, Any] = {
@@ -129,12 +140,7 @@ def _defaults(kind: Kind) -> dict[str, Any]:
         base.update(update_text="Your ticket is in progress.")
     elif kind is Kind.STAFF:
         base.update(
-            recipient=STAFF,
-            activity_type="E-mail",
-            author="Alice Jones",
-            activity_text="The technician comes on Monday.",
-            update_text="Your ticket is in progress.",
-            comment_text="Customer is on the VIP list.",
+            **_STAFF_CONTENT,
             dates=(
                 ("activity_date", dt.datetime(2026, 11, 27, 9, 15, tzinfo=dt.UTC)),
                 ("action_required_date", dt.date(2026, 12, 1)),
@@ -151,12 +157,7 @@ def _defaults(kind: Kind) -> dict[str, Any]:
         # shown as the moment in the configured zone (here Europe/Berlin, UTC+01:00).
         due = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
         base.update(
-            recipient=STAFF,
-            activity_type="E-mail",
-            author="Alice Jones",
-            activity_text="The technician comes on Monday.",
-            update_text="Your ticket is in progress.",
-            comment_text="Customer is on the VIP list.",
+            **_STAFF_CONTENT,
             moment="2026-12-03T08:00:00Z",
             **(
                 {"followup": due}
