@@ -13,10 +13,11 @@ from service.runtime.settings import SettingsError, settings_or_exit
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Settings first: a bad one stops start-up before the whole service is imported.
+    settings = settings_or_exit()
     from service.runtime.app import create_app
     from service.runtime.logs import configure_logging
 
-    settings = settings_or_exit()
     configure_logging(settings.log_level)
     try:
         app = create_app(settings)
