@@ -139,7 +139,8 @@ class Reminding:
         event = parse_event(payload, {})
         moment = dt.datetime.fromtimestamp(row.moment, dt.UTC)
         record = Record(
-            topic=REMINDER_ORIGIN,
+            # Unique per reminder and moment, so each failed one keeps its own audit row.
+            topic=f"{REMINDER_ORIGIN}/{row.activity_id}/{row.kind}",
             partition=0,
             offset=int(row.moment),
             key=(row.ticket_id or event.data.activity.ticket_id).encode(),
