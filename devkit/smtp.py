@@ -87,7 +87,9 @@ class SmtpRecorder:
     `fail_rcpt(addr)` refuses that recipient at RCPT until `clear_faults()`;
     `fail_next_rcpt(n)` refuses the next n RCPT commands, whatever the address;
     `fail_next(n)` refuses the next n messages at the end of DATA. `stop()`/`start()` take
-    the server down and bring it back on the same port.
+    the server down and bring it back on the same port. `hold()` makes every RCPT wait
+    (unanswered, so no mail can reach its end of DATA) until `release()`; `held_peers`
+    names the client connections waiting there.
 
     Pacing, like a real MTA: each DATA waits `delay` seconds before the message is
     accepted (recorded), then `reply_delay` more before the 250 goes out. A client killed
@@ -115,6 +117,8 @@ class SmtpRecorder:
         self._next_rcpt_faults: list[str] = []
         self._data_faults: list[str] = []
         self._controller: Controller | None = None
+        self._holding = threading.Event()
+        self._held: set[tuple[str, int]] = set()
 
     # -- control (called from the test) --
 
@@ -131,6 +135,19 @@ class SmtpRecorder:
     def fail_next(self, n: int, code: int = 451, text: str = "4.3.0 try again later") -> None:
         with self._lock:
             self._data_faults.extend([f"{code} {text}"] * n)
+
+    def hold(self) -> None:
+        """From now on, RCPT commands wait unanswered until release()."""
+        self._holding.set()
+
+    def release(self) -> None:
+        self._holding.clear()
+
+    @property
+    def held_peers(self) -> set[tuple[str, int]]:
+        """(host, port) of each client connection whose RCPT waits in hold() now."""
+        with self._lock:
+            return set(self._held)
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -170,6 +187,17 @@ class SmtpRecorder:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        if self._holding.is_set():
+            peer = tuple(session.peer[:2])
+            with self._lock:
+                self._held.add(peer)
+            try:
+                # Set and cleared from the test's thread: an asyncio.Event is one loop's.
+                while self._holding.is_set():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            finally:
+                with self._lock:
+                    self._held.discard(peer)
         with self._lock:
             refusal = self._rcpt_faults.get(address.lower())
             if refusal is None and self._next_rcpt_faults:

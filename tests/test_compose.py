@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -21,10 +22,22 @@ def compose() -> dict[str, Any]:
     return loaded
 
 
-def notifier_env(compose: dict[str, Any]) -> dict[str, str]:
-    env = compose["services"]["notifier"]["environment"]
+_VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """`${VAR:-default}` and `${VAR}` as docker compose fills them with nothing exported."""
+    return _VARIABLE.sub(lambda m: m[2] or "", value)
+
+
+def service_env(compose: dict[str, Any], name: str) -> dict[str, str]:
+    env = compose["services"][name]["environment"]
     assert isinstance(env, dict)
-    return {str(k): str(v) for k, v in env.items()}
+    return {str(k): interpolate(str(v)) for k, v in env.items()}
+
+
+def notifier_env(compose: dict[str, Any]) -> dict[str, str]:
+    return service_env(compose, "notifier")
 
 
 def test_every_notify_variable_is_a_setting(compose: dict[str, Any]) -> None:
@@ -42,11 +55,50 @@ def test_the_compose_environment_validates(compose: dict[str, Any]) -> None:
     assert settings.smtp_host == "mailpit"
 
 
+def test_the_replicas_share_one_postgresql_ledger(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    notifier = services["notifier"]
+    replicas = notifier["deploy"]["replicas"]
+    assert replicas >= 2
+    assert "container_name" not in notifier  # one name cannot go to several containers
+    # A SQLite file per replica would let two of them send the same mail: no ledger volume.
+    assert not notifier.get("volumes")
+    url = urlsplit(notifier_env(compose)["NOTIFY_LEDGER_URL"])
+    assert url.scheme in ("postgresql", "postgres")
+    assert url.hostname == "postgres"
+    assert (url.port or 5432) == 5432
+    db = service_env(compose, "postgres")
+    assert (url.username, url.password, url.path) == (
+        db["POSTGRES_USER"],
+        db["POSTGRES_PASSWORD"],
+        f"/{db['POSTGRES_DB']}",
+    )
+    assert notifier["depends_on"]["postgres"]["condition"] == "service_healthy"
+    postgres = services["postgres"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    # The data on a named volume, where the image keeps it: /var/lib/postgresql/data up to
+    # 17, /var/lib/postgresql from 18 on (a mount elsewhere is silently not persisted).
+    major = int(str(postgres["image"]).rpartition(":")[2].split(".")[0])
+    data = "/var/lib/postgresql/data" if major <= 17 else "/var/lib/postgresql"
+    volumes = {str(v).split(":")[1]: str(v).split(":")[0] for v in postgres["volumes"]}
+    assert volumes[data] in compose["volumes"]
+    # Every replica finds partitions to take: at least as many as replicas.
+    kafka_env = services["kafka"]["environment"]
+    assert int(kafka_env["KAFKA_NUM_PARTITIONS"]) >= replicas
+
+
 def _container_ports(service: dict[str, Any]) -> set[int]:
     ports = set()
     for mapping in service.get("ports", []):
         ports.add(int(str(mapping).rsplit(":", 1)[1]))
     return ports
+
+
+def _host_ports(mapping: str) -> range:
+    """The host ports of a short-syntax mapping `[IP:]HOST[-HOST]:CONTAINER`."""
+    host = str(mapping).rsplit(":", 1)[0].rpartition(":")[2]
+    first, _, last = host.partition("-")
+    return range(int(first), int(last or first) + 1)
 
 
 def test_ports_line_up(compose: dict[str, Any]) -> None:
@@ -56,6 +108,9 @@ def test_ports_line_up(compose: dict[str, Any]) -> None:
     assert http_port in _container_ports(services["notifier"])
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(rf"^EXPOSE {http_port}$", dockerfile, re.M)
+    # One host port per replica: a single port could be bound by one container only.
+    (mapping,) = services["notifier"]["ports"]
+    assert len(_host_ports(mapping)) >= services["notifier"]["deploy"]["replicas"]
 
     assert env["NOTIFY_SMTP_HOST"] == "mailpit"
     assert int(env["NOTIFY_SMTP_PORT"]) == 1025  # Mailpit's SMTP port
@@ -66,14 +121,19 @@ def test_ports_line_up(compose: dict[str, Any]) -> None:
     assert f"PLAINTEXT://kafka:{port}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert f"PLAINTEXT://:{port}" in kafka_env["KAFKA_LISTENERS"]
 
+
+def test_prometheus_scrapes_every_replica(compose: dict[str, Any]) -> None:
+    # A static "notifier:8000" would reach one replica (whichever the name resolves to);
+    # DNS service discovery of type A makes a target of every container of the service.
+    http_port = int(notifier_env(compose)["NOTIFY_HTTP_PORT"])
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    targets = [
-        target
-        for job in scrape["scrape_configs"]
-        for static in job.get("static_configs", [])
-        for target in static["targets"]
-    ]
-    assert f"notifier:{http_port}" in targets
+    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "notifier"]
+    assert not job.get("static_configs")
+    (sd,) = job["dns_sd_configs"]
+    assert sd["type"] == "A"
+    assert sd["names"] == ["notifier"]
+    assert sd["port"] == http_port
+    assert "notifier" in compose["services"]
 
 
 def test_mounted_files_exist(compose: dict[str, Any]) -> None:
@@ -96,13 +156,14 @@ def test_every_image_is_pinned_to_a_version(compose: dict[str, Any]) -> None:
         for name, service in compose["services"].items()
         if "image" in service
     }
-    assert {"kafka", "mailpit", "prometheus", "grafana"} <= set(images)
+    assert {"kafka", "mailpit", "postgres", "prometheus", "grafana"} <= set(images)
     for name, image in images.items():
         repository, _, tag = image.rpartition(":")
         assert repository, f"{name}: {image} has no tag"
         assert "/" not in tag, f"{name}: {image} has no tag"
         assert tag != "latest", f"{name}: {image}"
-        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not a version"
+        # PostgreSQL numbers its releases MAJOR.MINOR (17.6): that is a release too.
+        assert re.fullmatch(r"v?\d+\.\d+(\.\d+)?", tag), f"{name}: {image} is not a version"
     assert images["mailpit"].startswith("axllent/mailpit:v")
 
 

@@ -143,6 +143,7 @@ def scrape_config(service_port: int) -> dict[str, Any]:
     }
     config["rule_files"] = [str(ALERTS)]  # the shipped rules, unchanged
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "notifier"]
+    job.pop("dns_sd_configs", None)  # the compose replicas: no such name here
     job["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"]}]
     config["scrape_configs"] = [job]
     return config

@@ -12,17 +12,20 @@ a new id would show up as a duplicate *without* the same id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
+import fcntl
 import json
 import os
 import random
 import re
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -397,6 +400,15 @@ def count_mail(messages: Sequence[Received], expected: frozenset[str]) -> MailCo
 # --- the service -------------------------------------------------------------------------
 
 
+def postgres_sent_ids(url: str) -> set[str]:
+    """Message-IDs a PostgreSQL ledger records as sent (read while the service runs)."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT message_id FROM deliveries WHERE status='sent'").fetchall()
+    return {str(r[0]) for r in rows}
+
+
 def ledger_sent_ids(path: Path) -> set[str]:
     """Message-IDs the service's SQLite ledger records as sent (read while it is down)."""
     if not path.exists():
@@ -415,28 +427,30 @@ def ledger_sent_ids(path: Path) -> set[str]:
 
 
 def service_env(
-    *, bootstrap: str, topic: str, smtp_port: int, ledger: Path, **overrides: Any
+    *, bootstrap: str, topic: str, smtp_port: int, ledger: Path | str, **overrides: Any
 ) -> dict[str, str]:
-    """NOTIFY_* for a service tuned for this suite: pool 8, batches of 200, no directory."""
-    return shared_service_env(
-        ledger.parent,
-        bootstrap=bootstrap,
-        topic=topic,
-        smtp_port=smtp_port,
-        ledger_url=f"sqlite:///{ledger}",
-        directory_file=None,
-        reply_to=None,
-        mail_from=MAIL_FROM,
-        message_id_domain=DOMAIN,
-        smtp_pool_size=8,
-        retry_max_seconds=1,
-        graceful_timeout_seconds=5,
-        batch_max_records=200,
+    """NOTIFY_* for a service tuned for this suite: pool 8, batches of 200, no directory.
+
+    `ledger` is a SQLite file, or a ledger URL (the shared PostgreSQL of the scale-out cases).
+    """
+    url = ledger if isinstance(ledger, str) else f"sqlite:///{ledger}"
+    work = Path(tempfile.gettempdir()) if isinstance(ledger, str) else ledger.parent
+    values: dict[str, Any] = {
+        "ledger_url": url,
+        "directory_file": None,
+        "reply_to": None,
+        "mail_from": MAIL_FROM,
+        "message_id_domain": DOMAIN,
+        "smtp_pool_size": 8,
+        "retry_max_seconds": 1,
+        "graceful_timeout_seconds": 5,
+        "batch_max_records": 200,
         # Every case mails the same handful of recipients a thousand times: the hourly
         # limit (section 10) would hold most of it back, so it is off, explicitly.
-        recipient_limit_per_hour=0,
-        **overrides,
-    )
+        "recipient_limit_per_hour": 0,
+    }
+    values.update(overrides)
+    return shared_service_env(work, bootstrap=bootstrap, topic=topic, smtp_port=smtp_port, **values)
 
 
 # --- waiting -----------------------------------------------------------------------------
@@ -558,8 +572,95 @@ def markdown_table(reports: Sequence[CaseReport]) -> str:
     return "\n".join(rows)
 
 
-def write_reports(reports: Sequence[CaseReport], started: float) -> Path:
-    """benchmarks/out/faults[-short].{md,json}; returns the Markdown file."""
+def case_report(
+    case: str,
+    topic: str,
+    published: Sequence[Published],
+    expected: frozenset[str],
+    messages: Sequence[Received],
+    dlq: Sequence[KafkaRecord],
+    *,
+    still_consuming: bool,
+    seconds: float,
+    details: dict[str, Any],
+) -> tuple[CaseReport, list[str]]:
+    """The report of a case from what was published, received and dead-lettered; with the
+    problems of the dead-letter topic (check_dead_letters)."""
+    problems = check_dead_letters(topic, published, dlq)
+    mail = count_mail(messages, expected)
+    report = CaseReport(
+        case=case,
+        good_events=sum(1 for p in published if not p.record.poison),
+        expected_mails=mail.expected_mails,
+        received_unique=mail.received_unique,
+        lost=mail.lost,
+        duplicated=mail.duplicated,
+        duplicates_with_same_message_id=mail.duplicates_with_same_message_id,
+        unexpected=mail.unexpected,
+        dead_lettered=len(dlq),
+        poison_sent=sum(1 for p in published if p.record.poison),
+        still_consuming=still_consuming,
+        seconds=round(seconds, 1),
+        details=dict(details),
+    )
+    if mail.lost:
+        report.details["lost_sample"] = mail.lost_sample
+    if mail.unexpected:
+        report.details["unexpected_sample"] = mail.unexpected_sample
+    if problems:
+        report.details["dlq_problems"] = problems[:10]
+    return report, problems
+
+
+def assert_clean(
+    report: CaseReport, problems: list[str], log: Path | str, *, dup_bound: int = 0
+) -> None:
+    """0 lost, nothing unexpected, duplicates within `dup_bound` and with their original
+    Message-ID, a clean dead-letter topic, still consuming; `log` names the service log(s)."""
+    where = f"(service log: {log})"
+    assert report.lost == 0, (
+        f"{report.lost} of {report.expected_mails} mails lost, e.g. "
+        f"{report.details.get('lost_sample')} {where}"
+    )
+    assert report.unexpected == 0, (
+        f"{report.unexpected} mails with an unexpected Message-ID, e.g. "
+        f"{report.details.get('unexpected_sample')} {where}"
+    )
+    assert report.duplicated <= dup_bound, (
+        f"{report.duplicated} duplicates, at most {dup_bound} allowed {where}"
+    )
+    assert report.duplicates_with_same_message_id == report.duplicated, (
+        f"only {report.duplicates_with_same_message_id} of {report.duplicated} duplicates "
+        f"carry their original Message-ID {where}"
+    )
+    assert not problems, f"dead-letter topic: {problems[:10]} {where}"
+    assert report.still_consuming, f"the service stopped consuming: {report.details} {where}"
+
+
+PARTS = ("single instance", "several instances")
+"""The report's sections, in order: tests/faults/test_faults.py, then test_scaleout.py."""
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`: two pytest-xdist workers may write the report at once."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_reports(
+    reports: Sequence[CaseReport], started: float, part: str = "single instance"
+) -> Path:
+    """benchmarks/out/faults[-short].{md,json}; returns the Markdown file.
+
+    Each test module writes its own part (section) and keeps the others' that are there,
+    so one report holds every case however the modules were spread over workers
+    (scripts/faults starts from no report).
+    """
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     name = "faults" if FULL else "faults-short"
     meta = {
@@ -568,20 +669,29 @@ def write_reports(reports: Sequence[CaseReport], started: float) -> Path:
         "total_seconds": round(time.monotonic() - started, 1),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (REPORT_DIR / f"{name}.json").write_text(
-        json.dumps({**meta, "cases": [r.as_dict() for r in reports]}, indent=2) + "\n"
-    )
-    notes = "\n".join(
-        f"- **{r.case}**: " + ", ".join(f"{k}={v}" for k, v in r.details.items())
-        for r in reports
-        if r.details
-    )
-    text = (
-        f"# Fault suite ({meta['version']}), seed {SEED}, {meta['total_seconds']} s\n\n"
-        f"{markdown_table(reports)}\n\n{notes}\n"
-    )
-    path = REPORT_DIR / f"{name}.md"
-    path.write_text(text)
+    json_path, path = REPORT_DIR / f"{name}.json", REPORT_DIR / f"{name}.md"
+    with _locked(REPORT_DIR / f".{name}.lock"):
+        parts: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            parts = dict(json.loads(json_path.read_text()).get("parts") or {})
+        parts[part] = {**meta, "cases": [r.as_dict() for r in reports]}
+        order = sorted(parts, key=lambda p: (PARTS.index(p) if p in PARTS else len(PARTS), p))
+        parts = {p: parts[p] for p in order}
+        cases = [case for p in parts.values() for case in p["cases"]]
+        json_path.write_text(json.dumps({**meta, "parts": parts, "cases": cases}, indent=2) + "\n")
+        sections = [f"# Fault suite ({meta['version']})\n"]
+        for title, data in parts.items():
+            shown = [CaseReport(**case) for case in data["cases"]]
+            notes = "\n".join(
+                f"- **{r.case}**: " + ", ".join(f"{k}={v}" for k, v in r.details.items())
+                for r in shown
+                if r.details
+            )
+            sections.append(
+                f"## {title.capitalize()}: seed {data['seed']}, {data['total_seconds']} s,"
+                f" {data['generated']}\n\n{markdown_table(shown)}\n\n{notes}\n"
+            )
+        path.write_text("\n".join(sections))
     return path
 
 

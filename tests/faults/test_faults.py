@@ -44,6 +44,7 @@ from tests.faults.harness import (
     MailIndex,
     Outgoing,
     Published,
+    assert_clean,
     check_dead_letters,
     count_mail,
     expected_message_ids,
@@ -215,27 +216,6 @@ class FaultRun:
         REPORTS.append(report)
         print(f"\n{report.case}: {report.as_dict()}")
         return report, problems
-
-
-def assert_clean(report: CaseReport, problems: list[str], log: Path, *, dup_bound: int = 0) -> None:
-    where = f"(service log: {log})"
-    assert report.lost == 0, (
-        f"{report.lost} of {report.expected_mails} mails lost, e.g. "
-        f"{report.details.get('lost_sample')} {where}"
-    )
-    assert report.unexpected == 0, (
-        f"{report.unexpected} mails with an unexpected Message-ID, e.g. "
-        f"{report.details.get('unexpected_sample')} {where}"
-    )
-    assert report.duplicated <= dup_bound, (
-        f"{report.duplicated} duplicates, at most {dup_bound} allowed {where}"
-    )
-    assert report.duplicates_with_same_message_id == report.duplicated, (
-        f"only {report.duplicates_with_same_message_id} of {report.duplicated} duplicates "
-        f"carry their original Message-ID {where}"
-    )
-    assert not problems, f"dead-letter topic: {problems[:10]} {where}"
-    assert report.still_consuming, f"the service stopped consuming: {report.details} {where}"
 
 
 @pytest.fixture
