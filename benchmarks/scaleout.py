@@ -49,6 +49,7 @@ from typing import Any
 import psutil
 
 from benchmarks.events import Workload, build_workload, notifications
+from benchmarks.run import parse_env
 from benchmarks.sampler import ResourceSampler, Sample, metric_sum
 from benchmarks.sinks import SmtpSink
 from devkit.config import service_env
@@ -416,13 +417,6 @@ def table(results: dict[str, Any]) -> str:
 
 def step(text: str) -> None:
     print(f"[scaleout {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def parse_env(item: str) -> tuple[str, str]:
-    name, eq, value = item.partition("=")
-    if not eq or not name.startswith("NOTIFY_"):
-        raise argparse.ArgumentTypeError(f"expected NOTIFY_NAME=VALUE, got {item!r}")
-    return name, value
 
 
 def main(argv: list[str] | None = None) -> int:
