@@ -106,9 +106,10 @@ def _event(
 @lru_cache(maxsize=32)
 def _vtimezone_ical(zone: ZoneInfo, first_year: int, last_year: int) -> bytes:
     """The VTIMEZONE of `zone` over the years the events fall in, as text (made once)."""
-    return Timezone.from_tzinfo(
+    timezone = Timezone.from_tzinfo(
         zone,
         tzid=zone.key,
         first_date=dt.date(first_year, 1, 1),
         last_date=dt.date(last_year + 1, 1, 1),
-    ).to_ical()
+    )
+    return bytes(timezone.to_ical())
