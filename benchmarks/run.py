@@ -624,8 +624,13 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"CPU per mail {results['service']['cpu_ms_per_notification']:.3f} ms vs "
             f"{results['baseline']['cpu_ms_per_notification']:.3f} ms for the old commit in "
-            f"this run: {100 * s['cpu_cut']:+.0f} % cut (target ≥ {100 * t['cpu_cut']:.0f} %: "
-            f"{_yes(s['meets_cpu_cut'])})"
+            f"this run: "
+            + (
+                f"{100 * s['cpu_cut']:.0f} % less"
+                if s["cpu_cut"] >= 0
+                else f"{-100 * s['cpu_cut']:.0f} % MORE"
+            )
+            + f" (target ≥ {100 * t['cpu_cut']:.0f} % less: {_yes(s['meets_cpu_cut'])})"
         )
     rounds = [
         f"{name} " + "/".join(f"{x:.0f}" for x in results[name]["round_rates"])
