@@ -89,24 +89,79 @@ def breakdown(events: int = 2000) -> dict[str, Any]:
 
         cost["build_message (MIME)"] = _cpu(build)
         cost["message_id"] = _cpu(lambda: [message_id(n, "helpdesk.test") for n in notes])
+        cost["IPC to render workers (pickle both ways)"] = _ipc_cost(notes, mails, files, now)
         cost["log line per mail (JSON)"] = _log_cost(notes)
         cost["metrics per mail"] = _metrics_cost(count)
         cost["ledger: dead_lettered + sent + record"] = asyncio.run(
             _ledger_cost(work / "ledger.sqlite3", notes, len(parsed))
         )
         per_mail = {k: round(1e6 * v / count, 1) for k, v in cost.items()}
+        per_ics = _calendar_cost(notes, now)
         dispatcher_cpu = asyncio.run(_dispatcher_cpu(workload, raw, work / "ledger2.sqlite3"))
         return {
             "events": len(parsed),
             "notifications": count,
             "cpu_us_per_notification": per_mail,
             "total_us": round(sum(per_mail.values()), 1),
+            "calendar_us_per_ics": per_ics,
             "dispatcher_us_per_notification": round(1e6 * dispatcher_cpu / count, 1),
             "note": "stages: each measured alone; dispatcher: Dispatcher.handle_batch on "
             "batches of 500 with a mailer that accepts at once (no network) and the SQLite "
             "ledger, i.e. the service minus Kafka, FastStream and aiosmtplib (for the "
             "latter see the ceiling's CPU ms per mail)",
         }
+
+
+def _ipc_cost(
+    notes: list[Notification], mails: list[Any], files: list[Any], now: datetime
+) -> float:
+    """What a chunk of 64 costs to cross to a worker and back: the notifications pickled
+    and unpickled one way, the built messages the other (both ends' CPU)."""
+    import pickle
+
+    from service.delivery.build import Built
+
+    built = [
+        Built(
+            build_message(
+                n,
+                mail,
+                sender="Helpdesk <helpdesk@helpdesk.test>",
+                reply_to="support@helpdesk.test",
+                domain="helpdesk.test",
+                attachments=attached,
+                date=now,
+            ),
+            0.001,
+        )
+        for n, mail, attached in zip(notes, mails, files, strict=True)
+    ]
+
+    def cross() -> None:
+        for start in range(0, len(notes), 64):
+            pickle.loads(pickle.dumps(notes[start : start + 64], pickle.HIGHEST_PROTOCOL))
+            pickle.loads(pickle.dumps(built[start : start + 64], pickle.HIGHEST_PROTOCOL))
+
+    return _cpu(cross)
+
+
+def _calendar_cost(notes: list[Notification], now: datetime) -> float:
+    """µs of CPU per `.ics` (staff mail with one reminder date, NOTIFY_TIMEZONE UTC)."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from service.core.calendar import calendar_attachment
+    from service.core.routing import CalendarEntry, Kind
+
+    staff = [
+        replace(n, calendar=(CalendarEntry(Kind.FOLLOWUP_REMINDER, now + timedelta(days=3)),))
+        for n in notes
+        if n.kind is Kind.STAFF
+    ][:1000]
+    cpu = _cpu(
+        lambda: [calendar_attachment(n, zone=UTC, domain="x.test", stamp=now) for n in staff]
+    )
+    return round(1e6 * cpu / max(1, len(staff)), 1)
 
 
 def _log_cost(notes: list[Notification]) -> float:
@@ -256,6 +311,8 @@ def main() -> None:
     for stage, us in result["cpu_us_per_notification"].items():
         print(f"  {stage:<40} {us:8.1f} µs")
     print(f"  {'sum of the stages':<40} {result['total_us']:8.1f} µs")
+    label = "calendar (.ics), per staff mail with one"
+    print(f"  {label:<40} {result['calendar_us_per_ics']:8.1f} µs")
     label = "Dispatcher.handle_batch, no network"
     print(f"  {label:<40} {result['dispatcher_us_per_notification']:8.1f} µs")
     print(f"  ({result['note']})")

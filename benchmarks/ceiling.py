@@ -8,6 +8,9 @@ beat it.
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,3 +80,54 @@ async def run_ceiling(
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     await asyncio.gather(*(c.quit() for c in clients), return_exceptions=True)
     return CeilingResult(total, seconds, cpu, connections)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceResult:
+    messages: int
+    seconds: float
+    sessions: int
+    message_bytes: int
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def smtp_source_binary() -> str:
+    found = shutil.which("smtp-source") or (SMTP_SOURCE if Path(SMTP_SOURCE).exists() else None)
+    if found is None:
+        raise RuntimeError(
+            "smtp-source not found: apt-get install -y postfix (debconf: No configuration)"
+        )
+    return found
+
+
+def run_smtp_source(port: int, total: int, sessions: int, message_bytes: int) -> SourceResult:
+    """The physical line: Postfix's `smtp-source` (C) pushing `total` messages of about
+    `message_bytes` over `sessions` connections kept open (`-d`), one recipient each."""
+    command = [
+        smtp_source_binary(),
+        "-d",
+        "-s",
+        str(sessions),
+        "-m",
+        str(total),
+        "-l",
+        str(message_bytes),
+        "-f",
+        "helpdesk@helpdesk.test",
+        "-t",
+        "someone@helpdesk.test",
+        f"127.0.0.1:{port}",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, timeout=600, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        error = re.sub(rb"\s+", b" ", done.stderr[-300:]).decode(errors="replace")
+        raise RuntimeError(f"smtp-source exited with {done.returncode}: {error}")
+    return SourceResult(total, seconds, sessions, message_bytes)

@@ -7,6 +7,8 @@
 On a real Kafka broker (started from the cached jars, or `--bootstrap HOST:PORT`) and
 Postfix's `smtp-sink`, it measures in one run:
 
+source        the physical line: Postfix's smtp-source (C) pushing messages of the
+              workload's mean size into the same smtp-sink over as many sessions;
 (a) ceiling   aiosmtplib sending pre-built bytes of the same mails over as many
               connections as the service's SMTP pool (NOTIFY_SMTP_POOL_SIZE);
 (b) naive     aiokafka + EmailMessage (policy.default) + one aiosmtplib send at a time,
@@ -14,6 +16,8 @@ Postfix's `smtp-sink`, it measures in one run:
 (c) service   `python -m service run` (child process) draining the pre-loaded backlog:
               notifications/s from the sink's own counter, CPU ms per notification and
               RSS from psutil, peak RSS from VmHWM;
+(c0) baseline with --baseline CHECKOUT, that checkout's service draining the same backlog
+              (a new group) after (c) in every round: CPU per mail of both, same run;
 latency       the service at a fixed publish rate (200 events/s) against a stamping
               SMTP server: publish time (= the event's `time`) to acceptance, per mail.
 
@@ -49,7 +53,7 @@ from typing import Any
 import psutil
 from aiokafka import AIOKafkaProducer
 
-from benchmarks.ceiling import prebuild, run_ceiling
+from benchmarks.ceiling import prebuild, run_ceiling, run_smtp_source
 from benchmarks.events import Workload, build_workload, more_events, notifications
 from benchmarks.naive import run_naive
 from benchmarks.sampler import ResourceSampler, histogram, histogram_quantile, metric_sum
@@ -61,7 +65,7 @@ from devkit.process import ServiceProcess, free_port
 from devkit.topics import create_topics
 
 OUT = Path(__file__).resolve().parent / "out"
-PHASES = ("ceiling", "naive", "service", "latency", "profile")
+PHASES = ("source", "ceiling", "naive", "service", "baseline", "latency", "profile")
 HEADERS = list(CLOUDEVENT_HEADERS)
 
 
@@ -217,6 +221,22 @@ async def phase_ceiling(ctx: Context, notes: list[Any]) -> dict[str, Any]:
     }
 
 
+def phase_source(ctx: Context, message_bytes: int) -> dict[str, Any]:
+    """The physical line: Postfix's smtp-source (C) into the same smtp-sink, same pool size."""
+    total = min(ctx.expected, ctx.mode.ceiling_max)
+    base = ctx.sink.count
+    result = run_smtp_source(ctx.sink.port, total, ctx.pool_size, message_bytes)
+    accepted, _ = ctx.sink.wait_for(base + total, 10)
+    return {
+        "messages": result.messages,
+        "accepted_by_sink": accepted - base,
+        "sessions": result.sessions,
+        "message_bytes": result.message_bytes,
+        "seconds": result.seconds,
+        "rate": result.rate,
+    }
+
+
 async def measured(phase: Awaitable[dict[str, Any]]) -> dict[str, Any]:
     """The phase's result plus how busy the whole machine was meanwhile (all processes)."""
     before = psutil.cpu_times()
@@ -254,14 +274,30 @@ async def phase_naive(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
     }
 
 
-def phase_service(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
+def phase_service(
+    ctx: Context, topic: str, tag: str, checkout: Path | None = None
+) -> dict[str, Any]:
+    """(c), or with `checkout` the same drain by another checkout's `python -m service run`
+    (its own .venv): the old commit that CPU per mail is compared with (--baseline)."""
     base = ctx.sink.count
-    replicas = ctx.args.replicas
+    replicas = 1 if checkout is not None else ctx.args.replicas
     env = service_env(ctx, topic, ctx.sink.port, tag)
     if replicas > 1:
         # Same group and ledger file; the SMTP connections are shared out between them.
         env["NOTIFY_SMTP_POOL_SIZE"] = str(max(1, ctx.pool_size // replicas))
-    procs = [service_process(ctx, env, ctx.work / f"{tag}-{i}.log") for i in range(replicas)]
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
+        procs = [
+            ServiceProcess(
+                env,
+                free_port(),
+                log_path=ctx.work / f"{tag}.log",
+                cwd=checkout,
+                command=[str(checkout / ".venv" / "bin" / "python"), "-m", "service", "run"],
+            )
+        ]
+    else:
+        procs = [service_process(ctx, env, ctx.work / f"{tag}-{i}.log") for i in range(replicas)]
     samplers: list[ResourceSampler] = []
     proc = procs[0]
     started = time.monotonic()
@@ -277,7 +313,12 @@ def phase_service(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
         if first is None:
             raise RuntimeError(f"service sent nothing:\n{proc.log_tail()}")
         timeout = 120 + ctx.expected / 100
-        count, last = ctx.sink.wait_for(base + ctx.expected, timeout)
+        if checkout is None:
+            count, last = ctx.sink.wait_for(base + ctx.expected, timeout)
+        else:
+            # The old commit may route this workload to a few more or fewer mails: wait
+            # for its expected count or for 5 s without a new mail, and count what came.
+            count, last = wait_quiet(ctx.sink, base + ctx.expected, timeout, quiet=5.0)
         time.sleep(0.3)  # let the ledger and counters settle before the scrape
         peaks = [sampler.peak_rss() for sampler in samplers]
         texts = [p.metrics_text() for p in procs]
@@ -289,8 +330,10 @@ def phase_service(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
     text = "\n".join(texts)
     peak = max(peaks)
     done = count - base
-    if done < ctx.expected:
+    if done < ctx.expected and checkout is None:
         raise RuntimeError(f"service delivered {done} of {ctx.expected}:\n{proc.log_tail()}")
+    if done < 0.5 * ctx.expected:
+        raise RuntimeError(f"baseline delivered {done} of {ctx.expected}:\n{proc.log_tail()}")
     seconds = last - first
     cpu = sum(sampler.cpu_at(last) - sampler.cpu_at(first) for sampler in samplers)
     samples = samplers[0].samples
@@ -300,14 +343,16 @@ def phase_service(ctx: Context, topic: str, tag: str) -> dict[str, Any]:
     cut = [s for s in drain if s.count >= 0.2 * ctx.expected]
     return {
         "events": len(ctx.workload.events),
-        "notifications": ctx.expected,
+        "notifications": done,
+        "checkout": str(checkout) if checkout is not None else None,
         "sent_metric": metric_sum(text, "notifier_notifications_total", outcome="sent"),
         "dead_letters_metric": metric_sum(text, "notifier_dead_letters_total"),
         "startup_to_first_mail_seconds": first - started,
         "seconds": seconds,
-        "rate": (ctx.expected - 1) / seconds if seconds > 0 else None,
+        "rate": (done - 1) / seconds if seconds > 0 else None,
         "cpu_seconds": cpu,
-        "cpu_ms_per_notification": 1000 * cpu / ctx.expected,
+        # CPU between the first and the last mail, over the mails in between.
+        "cpu_ms_per_notification": 1000 * cpu / done,
         "cpu_utilisation": cpu / seconds if seconds > 0 else None,
         "peak_rss_mb": peak / 2**20,
         "replicas": replicas,
@@ -380,6 +425,17 @@ async def phase_latency(ctx: Context, topic: str) -> dict[str, Any]:
             round(1000 * latencies[int(i * (len(latencies) - 1) / 200)], 2) for i in range(201)
         ],
     }
+
+
+def wait_quiet(sink: SmtpSink, target: int, timeout: float, quiet: float) -> tuple[int, float]:
+    """Until `target` mails or `quiet` s without one; (count, when the last was seen)."""
+    deadline = time.monotonic() + timeout
+    count, last = sink.wait_for(target, 0)
+    while count < target and time.monotonic() < deadline:
+        count, last = sink.wait_for(target, min(quiet, deadline - time.monotonic()))
+        if count < target and time.monotonic() - last >= quiet:
+            break
+    return count, last
 
 
 async def wait_sent(proc: ServiceProcess, target: int, seconds: float) -> None:
@@ -467,17 +523,35 @@ def render_profile(profiler: str, path: Path, out: Path) -> list[str]:
 # --- reporting -----------------------------------------------------------------------------
 
 
+# Issue 16's targets, all from one run.
+TARGETS = {"c_over_a": 0.9, "c_over_b": 6.0, "cpu_cut": 0.30, "p50_ms": 30.0, "p99_ms": 100.0}
+
+
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"target_c_over_a": 0.5, "target_c_over_b": 4.0}
-    rate = {k: results[k]["rate"] for k in ("ceiling", "naive", "service") if k in results}
+    summary: dict[str, Any] = {"targets": TARGETS}
+    rate = {
+        k: results[k]["rate"]
+        for k in ("source", "ceiling", "naive", "service", "baseline")
+        if k in results
+    }
     if "service" in rate and "ceiling" in rate:
         summary["c_over_a"] = rate["service"] / rate["ceiling"]
-        summary["meets_c_over_a"] = summary["c_over_a"] >= 0.5
+        summary["meets_c_over_a"] = summary["c_over_a"] >= TARGETS["c_over_a"]
     if "service" in rate and "naive" in rate:
         summary["c_over_b"] = rate["service"] / rate["naive"]
-        summary["meets_c_over_b"] = summary["c_over_b"] >= 4.0
+        summary["meets_c_over_b"] = summary["c_over_b"] >= TARGETS["c_over_b"]
+    if "service" in rate and "source" in rate:
+        summary["c_over_source"] = rate["service"] / rate["source"]
+    if "ceiling" in rate and "source" in rate:
+        summary["a_over_source"] = rate["ceiling"] / rate["source"]
+    if "service" in results and "baseline" in results:
+        old = results["baseline"]["cpu_ms_per_notification"]
+        new = results["service"]["cpu_ms_per_notification"]
+        summary["cpu_cut"] = 1 - new / old
+        summary["meets_cpu_cut"] = summary["cpu_cut"] >= TARGETS["cpu_cut"]
     if "latency" in results:
-        summary["meets_p99"] = results["latency"]["p99_ms"] <= 150
+        summary["meets_p50"] = results["latency"]["p50_ms"] <= TARGETS["p50_ms"]
+        summary["meets_p99"] = results["latency"]["p99_ms"] <= TARGETS["p99_ms"]
     return summary
 
 
@@ -490,19 +564,22 @@ def table(results: dict[str, Any]) -> str:
         ("", "notif/s", "CPU ms/notif", "peak RSS MB", "mails", "machine busy")
     ]
     for name, label in (
+        ("source", "smtp-source (C)"),
         ("ceiling", "(a) ceiling"),
         ("naive", "(b) naive"),
         ("service", "(c) service"),
+        ("baseline", "(c0) old commit"),
     ):
         if name in results:
             r = results[name]
             peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
             busy = r.get("machine", {}).get("busy_pct")
+            cpu = r.get("cpu_ms_per_notification")
             rows.append(
                 (
                     label,
                     f"{r['rate']:.0f}",
-                    f"{r['cpu_ms_per_notification']:.3f}",
+                    f"{cpu:.3f}" if cpu is not None else "-",
                     peak,
                     str(r.get("notifications", r.get("messages"))),
                     f"{busy:.0f}%" if busy is not None else "-",
@@ -524,15 +601,40 @@ def table(results: dict[str, Any]) -> str:
             f"replicas {config.get('replicas', 1)}"
         )
     ratios = []
+    t = s["targets"]
     if "c_over_a" in s:
-        ratios.append(f"c/a = {s['c_over_a']:.2f} (target ≥ 0.50: {_yes(s['meets_c_over_a'])})")
+        ratios.append(
+            f"c/a = {s['c_over_a']:.2f} (target ≥ {t['c_over_a']}: {_yes(s['meets_c_over_a'])})"
+        )
     if "c_over_b" in s:
-        ratios.append(f"c/b = {s['c_over_b']:.1f} (target ≥ 4: {_yes(s['meets_c_over_b'])})")
+        ratios.append(
+            f"c/b = {s['c_over_b']:.1f} (target ≥ {t['c_over_b']:.0f}: {_yes(s['meets_c_over_b'])})"
+        )
     if ratios:
         lines.append("   ".join(ratios))
+    if "c_over_source" in s:
+        lines.append(
+            f"physical line: the service reaches {100 * s['c_over_source']:.0f} % of what "
+            f"smtp-source (C) pushes into the same smtp-sink ({results['source']['rate']:.0f} "
+            f"msg/s of {results['source']['message_bytes']} B over "
+            f"{results['source']['sessions']} sessions)"
+            + (f"; (a) reaches {100 * s['a_over_source']:.0f} %" if "a_over_source" in s else "")
+        )
+    if "cpu_cut" in s:
+        lines.append(
+            f"CPU per mail {results['service']['cpu_ms_per_notification']:.3f} ms vs "
+            f"{results['baseline']['cpu_ms_per_notification']:.3f} ms for the old commit in "
+            f"this run: "
+            + (
+                f"{100 * s['cpu_cut']:.0f} % less"
+                if s["cpu_cut"] >= 0
+                else f"{-100 * s['cpu_cut']:.0f} % MORE"
+            )
+            + f" (target ≥ {100 * t['cpu_cut']:.0f} % less: {_yes(s['meets_cpu_cut'])})"
+        )
     rounds = [
         f"{name} " + "/".join(f"{x:.0f}" for x in results[name]["round_rates"])
-        for name in ("ceiling", "naive", "service")
+        for name in ("source", "ceiling", "naive", "service", "baseline")
         if len(results.get(name, {}).get("round_rates", [])) > 1
     ]
     if rounds:
@@ -551,7 +653,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"latency at {lat['rate_events_per_second']:.0f} events/s ({lat['stamped']} mails): "
             f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
-            f"(target p99 ≤ 150: {_yes(s.get('meets_p99'))}); service histogram estimate "
+            f"(targets p50 ≤ {t['p50_ms']:.0f}: {_yes(s.get('meets_p50'))}, "
+            f"p99 ≤ {t['p99_ms']:.0f}: {_yes(s.get('meets_p99'))}); service histogram estimate "
             f"p50 {lat['histogram_p50_ms']:.0f} ms, p99 {lat['histogram_p99_ms']:.0f} ms"
         )
     if "profile" in results:
@@ -579,9 +682,19 @@ def chart(results: dict[str, Any], path: Path) -> None:
     )
     ax.bar_label(bars, fmt="%.0f")
     if "ceiling" in results:
-        ax.axhline(0.5 * results["ceiling"]["rate"], ls="--", color="#555555", label="50 % of (a)")
+        ax.axhline(
+            TARGETS["c_over_a"] * results["ceiling"]["rate"],
+            ls="--",
+            color="#555555",
+            label=f"{100 * TARGETS['c_over_a']:.0f} % of (a)",
+        )
     if "naive" in results:
-        ax.axhline(4 * results["naive"]["rate"], ls=":", color="#d62728", label="4 × (b)")
+        ax.axhline(
+            TARGETS["c_over_b"] * results["naive"]["rate"],
+            ls=":",
+            color="#d62728",
+            label=f"{TARGETS['c_over_b']:.0f} × (b)",
+        )
     ax.set_ylabel("notifications / s")
     ax.set_title("Throughput, same run (targets dashed)")
     ax.legend(loc="upper right", fontsize=8)
@@ -624,7 +737,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
         lat = results["latency"]
         cdf = lat["cdf_ms"]
         cdf_ax.plot(cdf, [i / (len(cdf) - 1) for i in range(len(cdf))], color=COLORS["service"])
-        cdf_ax.axvline(150, ls="--", color="#d62728", label="target p99 150 ms")
+        cdf_ax.axvline(
+            TARGETS["p99_ms"],
+            ls="--",
+            color="#d62728",
+            label=f"target p99 {TARGETS['p99_ms']:.0f} ms",
+        )
         cdf_ax.axhline(0.99, ls=":", color="#555555")
         cdf_ax.set_xlim(0, max(200.0, 1.1 * lat["p99_ms"]))
         cdf_ax.set_xlabel("publish → SMTP acceptance, ms")
@@ -641,7 +759,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             s=3,
             color=COLORS["service"],
         )
-        time_ax.axhline(150, ls="--", color="#d62728")
+        time_ax.axhline(TARGETS["p99_ms"], ls="--", color="#d62728")
         time_ax.set_xlabel("published at, s")
         time_ax.set_ylabel("latency, ms")
         time_ax.set_title("Latency over the run")
@@ -727,11 +845,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
         phases = args.phases
-        runs: dict[str, list[dict[str, Any]]] = {"ceiling": [], "naive": [], "service": []}
+        runs: dict[str, list[dict[str, Any]]] = {
+            "source": [],
+            "ceiling": [],
+            "naive": [],
+            "service": [],
+            "baseline": [],
+        }
+        if "baseline" in phases and args.baseline is None:
+            phases = phases - {"baseline"}
         # Rounds interleave a, b, c so that a burst of load from elsewhere on a shared
         # machine hits one round rather than one contender; the best round of each counts.
         for r in range(args.rounds):
             tag = f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""
+            if "source" in phases:
+                step(f"physical line: smtp-source -> smtp-sink{tag}")
+                size = round(
+                    statistics.fmean(
+                        len(m) for _, m in prebuild(notes, ctx.workload.attachments_dir, limit=500)
+                    )
+                )
+                runs["source"].append(await measured(asyncio.to_thread(phase_source, ctx, size)))
             if "ceiling" in phases:
                 step(f"(a) ceiling{tag}")
                 runs["ceiling"].append(await measured(phase_ceiling(ctx, notes)))
@@ -742,6 +876,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 step(f"(c) service draining the backlog{tag}")
                 runs["service"].append(
                     await measured(asyncio.to_thread(phase_service, ctx, backlog, f"service{r}"))
+                )
+            if "baseline" in phases:
+                step(f"(c0) the old commit ({args.baseline}) draining the backlog{tag}")
+                runs["baseline"].append(
+                    await measured(
+                        asyncio.to_thread(
+                            phase_service, ctx, backlog, f"baseline{r}", args.baseline
+                        )
+                    )
                 )
         for name, rounds in runs.items():
             if rounds:
@@ -848,6 +991,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="A,B",
         help="patch the service to size a proposal (implies --launcher; see benchmarks/serve.py):"
         " buffered-logs, no-css-inline, batch-timeout=MS",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also drain the backlog with this checkout's `python -m service run` (its own"
+        " .venv; e.g. the commit before a performance change), interleaved with (c) in each"
+        " round: CPU per mail of both in the same run",
     )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")

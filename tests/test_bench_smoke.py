@@ -43,6 +43,8 @@ def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
         assert results[phase]["cpu_ms_per_notification"] > 0, phase
     assert results["ceiling"]["accepted_by_sink"] == results["ceiling"]["messages"]
     assert results["naive"]["accepted_by_sink"] == results["naive"]["messages"]
+    # The physical line: Postfix's smtp-source into the same sink.
+    assert results["source"]["accepted_by_sink"] == results["source"]["messages"] > 0
     service = results["service"]
     assert service["notifications"] == notifications
     assert service["sent_metric"] == notifications
@@ -51,6 +53,6 @@ def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
     latency = results["latency"]
     assert latency["stamped"] == latency["notifications"] > 0
     assert 0 < latency["p50_ms"] <= latency["p99_ms"]
-    assert {"c_over_a", "c_over_b"} <= results["summary"].keys()
+    assert {"c_over_a", "c_over_b", "c_over_source"} <= results["summary"].keys()
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     assert "(c) service" in done.stdout

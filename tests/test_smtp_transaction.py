@@ -239,3 +239,17 @@ async def test_lines_starting_with_a_dot_arrive_intact(any_server: SmtpRecorder)
     assert [m.data for m in smtp_server.messages] == [body, body]
     parsed = email.message_from_bytes(smtp_server.messages[0].data, policy=email.policy.default)
     assert parsed["Subject"] == "dots"
+
+
+def test_the_fast_path_runs_on_uvloop(any_server: SmtpRecorder) -> None:
+    """`notifier run` uses uvloop (NOTIFY_EVENT_LOOP): its transports are adopted too."""
+    import uvloop
+
+    async def send() -> None:
+        pool = SmtpPool(SmtpConfig(host="127.0.0.1", port=any_server.port, timeout=5))
+        await pool.send("a@x.test", "b@y.test", b"Subject: uv\r\n\r\n.dot\r\n")
+        await pool.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(send())
+    assert [m.data for m in any_server.messages] == [b"Subject: uv\r\n\r\n.dot\r\n"]

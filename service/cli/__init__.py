@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from service.runtime.settings import SettingsError, settings_or_exit
@@ -28,20 +28,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if failed := check_ledger(settings):  # a bad ledger URL, password or schema: one line
         return failed
-    asyncio.run(
-        app.run(
-            log_level=20,
-            # log_config None: uvicorn keeps our JSON logging instead of installing its own.
-            run_extra_options={
-                "host": settings.http_host,
-                "port": settings.http_port,
-                "log_config": None,
-                # FastStream passes it through str.lower(): a string, not a bool.
-                "access_log": "false",
-            },
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        runner.run(
+            app.run(
+                log_level=20,
+                # log_config None: uvicorn keeps our JSON logging instead of its own.
+                run_extra_options={
+                    "host": settings.http_host,
+                    "port": settings.http_port,
+                    "log_config": None,
+                    # FastStream passes it through str.lower(): a string, not a bool.
+                    "access_log": "false",
+                },
+            )
         )
-    )
     return 0
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """NOTIFY_EVENT_LOOP: uvloop's loop, or None for the standard library's."""
+    if name != "uvloop":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

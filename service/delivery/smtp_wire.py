@@ -14,6 +14,7 @@ import asyncio
 import collections
 import re
 from collections.abc import Callable
+from typing import cast
 
 from aiosmtplib import SMTPStatus
 
@@ -62,8 +63,8 @@ class TransactionProtocol(asyncio.Protocol):
         return self._error is not None or self.transport is None or self.transport.is_closing()
 
     def adopt(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        self.transport = transport
+        # uvloop's transports write like asyncio's without deriving from WriteTransport.
+        self.transport = cast(asyncio.WriteTransport, transport)
         transport.set_protocol(self)
 
     def data_received(self, data: bytes) -> None:

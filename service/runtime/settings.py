@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     http_token: SecretStr | None = None
     watch_interval_seconds: float = Field(default=10.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # uvloop (libuv) or the standard library's selector loop; benchmarks/README.md.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("mail_from", "reply_to")
     @classmethod
