@@ -129,6 +129,23 @@ def test_the_second_of_two_equal_autumn_times_is_written_in_utc() -> None:
     assert instant(found["action.5001@helpdesk.test"].start) == second
 
 
+def test_staff_of_one_activity_made_in_one_second_share_one_file_made_once() -> None:
+    entry = CalendarEntry(FOLLOWUP, WINTER, 2)
+    alice = make_notification(Kind.STAFF, calendar=(entry,), email="alice@helpdesk.test")
+    bob = make_notification(Kind.STAFF, calendar=(entry,), email="bob@helpdesk.test")
+    first = calendar_attachment(alice, zone=BERLIN, domain=DOMAIN, stamp=STAMP)
+    same_second = STAMP + dt.timedelta(microseconds=999_999)
+    second = calendar_attachment(bob, zone=BERLIN, domain=DOMAIN, stamp=same_second)
+    assert first is not None
+    assert second is not None
+    assert second.data is first.data  # the same bytes object: serialised once
+    later = calendar_attachment(bob, zone=BERLIN, domain=DOMAIN, stamp=STAMP + dt.timedelta(1))
+    assert later is not None
+    assert later.data != first.data
+    [event] = events(later).values()
+    assert event["DTSTAMP"].dt == STAMP + dt.timedelta(1)
+
+
 @pytest.mark.parametrize(
     ("locale", "label"),
     [("en", "Follow-up due"), ("de-AT", "Wiedervorlage"), ("fr", "Follow-up due")],

@@ -43,26 +43,56 @@ def calendar_attachment(
     """
     if not n.calendar:
         return None
+    language = n.recipient.locale.split("-")[0].split("_")[0].lower()
+    reference = n.ticket_reference or n.ticket_id
+    # DTSTAMP has whole seconds: every staff recipient of an activity whose mail is made
+    # within one second gets the same bytes, made once (the library's serialising is most
+    # of a staff mail's CPU).
+    data = _calendar_ical(
+        n.calendar,
+        n.activity_id,
+        reference,
+        n.ticket_subject,
+        language if language in _SUMMARY else "en",
+        zone,
+        domain,
+        stamp.astimezone(dt.UTC).replace(microsecond=0),
+    )
+    return Attachment(f"{reference}.ics", CONTENT_TYPE, data)
+
+
+@lru_cache(maxsize=256)
+def _calendar_ical(
+    entries: tuple[CalendarEntry, ...],
+    activity_id: str,
+    reference: str,
+    subject: str,
+    language: str,
+    zone: dt.tzinfo,
+    domain: str,
+    stamp: dt.datetime,
+) -> bytes:
     calendar = Calendar()
     calendar.add("prodid", PRODID)
     calendar.add("version", "2.0")
     calendar.add("method", "PUBLISH")
-    starts = [_start(entry.moment, zone) for entry in n.calendar]
+    starts = [_start(entry.moment, zone) for entry in entries]
     timezone = b""
     if isinstance(zone, ZoneInfo) and any(start.tzinfo is zone for start in starts):
         years = [start.year for start in starts]
         timezone = _vtimezone_ical(zone, min(years), max(years))
-    labels = _SUMMARY.get(n.recipient.locale.split("-")[0].split("_")[0].lower(), _SUMMARY["en"])
-    for entry, start in zip(n.calendar, starts, strict=True):
-        calendar.add_component(_event(n, entry, start, labels[entry.kind], domain, stamp))
-    name = f"{n.ticket_reference or n.ticket_id}.ics"
+    summary = f"[{reference}] {subject}"
+    for entry, start in zip(entries, starts, strict=True):
+        label = _SUMMARY[language][entry.kind]
+        uid = calendar_uid(entry.kind, activity_id, domain)
+        calendar.add_component(_event(uid, entry, start, f"{label}: {summary}".strip(), stamp))
     # The VTIMEZONE is the calendar's first component: its text, made once per zone and
     # years, goes before the first VEVENT (serialising it took most of a staff mail's CPU).
-    data = calendar.to_ical()
+    data = bytes(calendar.to_ical())
     if timezone:
         at = data.index(b"BEGIN:VEVENT\r\n")
         data = data[:at] + timezone + data[at:]
-    return Attachment(name, CONTENT_TYPE, data)
+    return data
 
 
 def _start(moment: dt.datetime, zone: dt.tzinfo) -> dt.datetime:
@@ -78,18 +108,12 @@ def _start(moment: dt.datetime, zone: dt.tzinfo) -> dt.datetime:
 
 
 def _event(
-    n: Notification,
-    entry: CalendarEntry,
-    start: dt.datetime,
-    label: str,
-    domain: str,
-    stamp: dt.datetime,
+    uid: str, entry: CalendarEntry, start: dt.datetime, summary: str, stamp: dt.datetime
 ) -> Event:
-    summary = f"{label}: [{n.ticket_reference or n.ticket_id}] {n.ticket_subject}".strip()
     event = Event()
-    event.add("uid", calendar_uid(entry.kind, n.activity_id, domain))
+    event.add("uid", uid)
     event.add("sequence", entry.sequence)
-    event.add("dtstamp", stamp.astimezone(dt.UTC))
+    event.add("dtstamp", stamp)
     event.add("dtstart", start)
     # DURATION, not DTEND: a wall-clock end could fall into a DST change and read wrongly.
     event.add("duration", SLOT)
