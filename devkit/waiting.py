@@ -38,3 +38,13 @@ async def poll(
                 f"after {within:.0f} s, still waiting for {wanted}; last: {result!r}"
             )
         await asyncio.sleep(interval)
+
+
+async def settle(count: Callable[[], int], quiet: float = 3.0, *, interval: float = 0.2) -> int:
+    """Wait until `count()` (e.g. mails received) has not changed for `quiet` s; its value."""
+    value, since = count(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        await asyncio.sleep(interval)
+        if count() != value:
+            value, since = count(), time.monotonic()
+    return value

@@ -18,6 +18,7 @@ from devkit.process import ServiceProcess, child_environ, free_port
 from devkit.smtp import SmtpRecorder
 from devkit.topics import Record, read_topic
 from devkit.topics import produce as produce_records
+from devkit.waiting import settle
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +52,6 @@ async def dead_letter_stages(bootstrap: str, dlq: str) -> list[str | None]:
     return [letter.header("x-error-stage") for letter in await read_topic(bootstrap, dlq)]
 
 
-async def settle(smtp: SmtpRecorder, seconds: float = 3.0) -> int:
-    """Wait until no new mail arrived for `seconds`; the count."""
-    count, since = len(smtp.messages), time.monotonic()
-    while time.monotonic() - since < seconds:
-        await asyncio.sleep(0.2)
-        if len(smtp.messages) != count:
-            count, since = len(smtp.messages), time.monotonic()
-    return count
-
-
 def start(env: dict[str, str], tmp_path: Path) -> ServiceProcess:
     service = ServiceProcess(env, free_port(), log_path=tmp_path / "service.log")
     service.start(60)
@@ -79,7 +70,7 @@ async def test_a_new_deployment_mails_no_history_and_serves_what_comes_after(
     try:
         await produce(kafka_bootstrap, topic, [customer_mail("new-1")])
         await smtp_server.wait_for(1, timeout=30)
-        assert await settle(smtp_server) == 1
+        assert await settle(lambda: len(smtp_server.messages)) == 1
         assert "a.new-1.customer_content" in smtp_server.messages[0].data.decode()
         metrics = await asyncio.to_thread(service.metrics_text)
         assert 'kind="customer_content",outcome="expired"} 5.0' in metrics
@@ -130,7 +121,7 @@ async def test_a_flood_sends_the_limit_and_a_replay_releases_the_rest_once(
         # A producer bug: 40 distinct activities for one customer within a minute.
         await produce(kafka_bootstrap, topic, [customer_mail(f"loop-{i}") for i in range(40)])
         await smtp_server.wait_for(limit, timeout=30)
-        assert await settle(smtp_server) == limit
+        assert await settle(lambda: len(smtp_server.messages)) == limit
         dlq = f"{topic}.dlq"
         stages = await dead_letter_stages(kafka_bootstrap, dlq)
         assert stages == ["throttled"] * 30
@@ -148,7 +139,7 @@ async def test_a_flood_sends_the_limit_and_a_replay_releases_the_rest_once(
             assert done.returncode == 0, done.stderr
             assert "replayed 30 dead letter(s)" in done.stdout
         await smtp_server.wait_for(40, timeout=60)
-        assert await settle(smtp_server, 5.0) == 40
+        assert await settle(lambda: len(smtp_server.messages), 5.0) == 40
         ids = [m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0] for m in smtp_server.messages]
         assert len(set(ids)) == 40
     finally:

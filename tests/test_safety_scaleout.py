@@ -4,7 +4,6 @@ send at most NOTIFY_RECIPIENT_LIMIT_PER_HOUR mails an hour to one address."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from devkit.events import CLOUDEVENT_HEADERS, encode, example
 from devkit.process import ServiceProcess, free_port, run_notifier
 from devkit.smtp import SmtpRecorder
 from devkit.topics import Record, group_members, produce, read_topic
-from devkit.waiting import poll
+from devkit.waiting import poll, settle
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +46,6 @@ def flood_event(run: str, n: int) -> dict[str, Any]:
         "customer": {"name": "Dana Smith", "email": "Dana@Customer.test", "locale": "de"},
     }
     return event
-
-
-async def settle(smtp: SmtpRecorder, seconds: float = 3.0) -> int:
-    """Wait until no new mail arrived for `seconds`; the count."""
-    count, since = len(smtp.messages), time.monotonic()
-    while time.monotonic() - since < seconds:
-        await asyncio.sleep(0.2)
-        if len(smtp.messages) != count:
-            count, since = len(smtp.messages), time.monotonic()
-    return count
 
 
 def outcomes(service: ServiceProcess) -> dict[str, int]:
@@ -115,7 +104,7 @@ async def test_three_instances_together_send_at_most_the_limit(
         letters = await read_topic(
             kafka_bootstrap, f"{topic}.dlq", at_least=FLOOD - LIMIT, within=60
         )
-        assert await settle(smtp_server) == LIMIT
+        assert await settle(lambda: len(smtp_server.messages)) == LIMIT
         # Counted per address, whatever its case: one recipient.
         assert {r.lower() for m in smtp_server.messages for r in m.rcpt_tos} == {
             "dana@customer.test"
@@ -137,7 +126,7 @@ async def test_three_instances_together_send_at_most_the_limit(
         assert done.returncode == 0, done.stderr
         assert f"replayed {FLOOD - LIMIT} dead letter(s)" in done.stdout
         await smtp_server.wait_for(FLOOD, timeout=60)
-        assert await settle(smtp_server) == FLOOD
+        assert await settle(lambda: len(smtp_server.messages)) == FLOOD
         ids = {m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0] for m in smtp_server.messages}
         assert len(ids) == FLOOD
     finally:
