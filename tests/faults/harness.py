@@ -31,6 +31,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from devkit import CHECKOUT
@@ -650,6 +651,23 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def print_module_report(
+    request: pytest.FixtureRequest,
+    reports: Sequence[CaseReport],
+    started: float,
+    part: str,
+    title: str,
+) -> None:
+    """After a fault module: write its part of the report and print its table, uncaptured."""
+    if not reports:
+        return
+    path = write_reports(reports, started, part=part)
+    text = f"\n\n{title}, seed {SEED} ({path}):\n{markdown_table(reports)}\n"
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(text)
 
 
 def write_reports(

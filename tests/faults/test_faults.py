@@ -45,21 +45,19 @@ from tests.faults.harness import (
     Outgoing,
     Published,
     assert_clean,
-    check_dead_letters,
-    count_mail,
+    case_report,
     expected_message_ids,
     interleave,
     largest_value,
     ledger_sent_ids,
-    markdown_table,
     origin,
     poison_messages,
+    print_module_report,
     publish,
     scaled,
     service_env,
     wait_for_dead_letters,
     wait_for_mail,
-    write_reports,
 )
 
 pytestmark = [
@@ -82,13 +80,7 @@ SUITE_STARTED = time.monotonic()
 def fault_report(request: pytest.FixtureRequest) -> Iterator[None]:
     """After the module: write benchmarks/out/faults[-short].{md,json}, print the table."""
     yield
-    if not REPORTS:
-        return
-    path = write_reports(REPORTS, SUITE_STARTED)
-    text = f"\n\nFault suite, seed {SEED} ({path}):\n{markdown_table(REPORTS)}\n"
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print(text)
+    print_module_report(request, REPORTS, SUITE_STARTED, "single instance", "Fault suite")
 
 
 @dataclass
@@ -186,30 +178,17 @@ class FaultRun:
         """Count mail, read the dead-letter topic, record the report; (report, DLQ problems)."""
         dlq: list[KafkaRecord] = await read_topic(self.bootstrap, self.dlq)
         self.dead_letters = dlq
-        problems = check_dead_letters(self.topic, self.published, dlq)
-        mail = count_mail(list(self.smtp.messages), self.expected)
-        good = [p for p in self.published if not p.record.poison]
-        report = CaseReport(
-            case=self.case,
-            good_events=len(good),
-            expected_mails=mail.expected_mails,
-            received_unique=mail.received_unique,
-            lost=mail.lost,
-            duplicated=mail.duplicated,
-            duplicates_with_same_message_id=mail.duplicates_with_same_message_id,
-            unexpected=mail.unexpected,
-            dead_lettered=len(dlq),
-            poison_sent=sum(1 for p in self.published if p.record.poison),
+        report, problems = case_report(
+            self.case,
+            self.topic,
+            self.published,
+            self.expected,
+            list(self.smtp.messages),
+            dlq,
             still_consuming=still_consuming,
-            seconds=round(time.monotonic() - self.started, 1),
+            seconds=time.monotonic() - self.started,
             details=details or {},
         )
-        if mail.lost:
-            report.details["lost_sample"] = mail.lost_sample
-        if mail.unexpected:
-            report.details["unexpected_sample"] = mail.unexpected_sample
-        if problems:
-            report.details["dlq_problems"] = problems[:10]
         if dlq:
             stages = Counter(d.header("x-error-stage") or "" for d in dlq)
             report.details["dead_letter_stages"] = dict(sorted(stages.items()))

@@ -50,13 +50,12 @@ from tests.faults.harness import (
     Published,
     assert_clean,
     case_report,
-    markdown_table,
     postgres_sent_ids,
+    print_module_report,
     publish,
     scaled,
     service_env,
     wait_for_mail,
-    write_reports,
 )
 
 pytestmark = [
@@ -85,13 +84,9 @@ SUITE_STARTED = time.monotonic()
 def scaleout_report(request: pytest.FixtureRequest) -> Iterator[None]:
     """After the module: the "several instances" part of the fault report; print its table."""
     yield
-    if not REPORTS:
-        return
-    path = write_reports(REPORTS, SUITE_STARTED, part="several instances")
-    text = f"\n\nFault suite, several instances, seed {SEED} ({path}):\n"
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print(text + markdown_table(REPORTS) + "\n")
+    print_module_report(
+        request, REPORTS, SUITE_STARTED, "several instances", "Fault suite, several instances"
+    )
 
 
 def metric(text: str, name: str, **labels: str) -> float:
