@@ -91,6 +91,19 @@ def example(name: str, **activity: Any) -> dict[str, Any]:
     return event
 
 
+def customer_mail_event(activity_id: str, **activity: Any) -> dict[str, Any]:
+    """Example 01 reduced to its customer mail (no staff users or departments, no
+    attachments) under `activity_id`, with `activity` fields on top."""
+    plain = {
+        "activityUsers": "",
+        "activityDepartments": "",
+        "standardTicketAttachments": "",
+        "thisTicketAttachments": "",
+        "invoiceAttachments": "",
+    }
+    return example("01-customer-content.json", **{**plain, "id": activity_id, **activity})
+
+
 def mixed_examples() -> list[dict[str, Any]]:
     """Every kind of mail, one unknown department (unresolved) and one supplier mail with
     personal data (withheld): the example events that exercise every label."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from devkit.config import service_env
-from devkit.events import example, publish
+from devkit.events import customer_mail_event, publish
 from devkit.process import ServiceProcess, free_port
 from devkit.smtp import SmtpRecorder
 
@@ -27,17 +27,7 @@ def at(seconds: float) -> dt.datetime:
 
 def event(activity_id: str, *, updated: bool = False, **fields: Any) -> dict[str, Any]:
     """An activity by alice for staff bob (and the customer), with `fields` on top."""
-    ev = example(
-        "01-customer-content.json",
-        id=activity_id,
-        activityUser="alice",
-        activityUsers="bob",
-        activityDepartments="",
-        standardTicketAttachments="",
-        thisTicketAttachments="",
-        invoiceAttachments="",
-        **fields,
-    )
+    ev = customer_mail_event(activity_id, activityUser="alice", activityUsers="bob", **fields)
     if updated:
         ev["type"] = "ticketActivity.updated"
         ev["id"] = f"{ev['id']}-update"

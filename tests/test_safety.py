@@ -13,7 +13,7 @@ import pytest
 
 from devkit import CHECKOUT as REPO
 from devkit.config import service_env
-from devkit.events import CLOUDEVENT_HEADERS, encode, example, ticket_key
+from devkit.events import CLOUDEVENT_HEADERS, customer_mail_event, encode, ticket_key
 from devkit.process import ServiceProcess, child_environ, free_port
 from devkit.smtp import SmtpRecorder
 from devkit.topics import Record, read_topic
@@ -23,19 +23,6 @@ from devkit.waiting import settle
 pytestmark = pytest.mark.integration
 
 DAY_MS = 24 * 3600 * 1000
-
-
-def customer_mail(activity_id: str) -> dict[str, Any]:
-    """One customer_content mail to dana, nothing else (no staff, no suppliers)."""
-    return example(
-        "01-customer-content.json",
-        id=activity_id,
-        activityUsers="",
-        activityDepartments="",
-        standardTicketAttachments="",
-        thisTicketAttachments="",
-        invoiceAttachments="",
-    )
 
 
 async def produce(
@@ -63,12 +50,12 @@ async def test_a_new_deployment_mails_no_history_and_serves_what_comes_after(
 ) -> None:
     three_days_ago = int(time.time() * 1000) - 3 * DAY_MS
     await produce(
-        kafka_bootstrap, topic, [customer_mail(f"old-{i}") for i in range(5)], three_days_ago
+        kafka_bootstrap, topic, [customer_mail_event(f"old-{i}") for i in range(5)], three_days_ago
     )
     env = service_env(tmp_path, bootstrap=kafka_bootstrap, topic=topic, smtp_port=smtp_server.port)
     service = await asyncio.to_thread(start, env, tmp_path)
     try:
-        await produce(kafka_bootstrap, topic, [customer_mail("new-1")])
+        await produce(kafka_bootstrap, topic, [customer_mail_event("new-1")])
         await smtp_server.wait_for(1, timeout=30)
         assert await settle(lambda: len(smtp_server.messages)) == 1
         assert "a.new-1.customer_content" in smtp_server.messages[0].data.decode()
@@ -93,10 +80,10 @@ async def test_an_smtp_outage_longer_than_the_grace_still_delivers(
     )
     service = await asyncio.to_thread(start, env, tmp_path)
     try:
-        await produce(kafka_bootstrap, topic, [customer_mail("warm-up")])
+        await produce(kafka_bootstrap, topic, [customer_mail_event("warm-up")])
         await smtp_server.wait_for(1, timeout=30)  # the group's first start is recorded
         smtp_server.stop()
-        await produce(kafka_bootstrap, topic, [customer_mail("during-outage")])
+        await produce(kafka_bootstrap, topic, [customer_mail_event("during-outage")])
         await asyncio.sleep(6)  # twice the grace window
         smtp_server.start()
         await smtp_server.wait_for(2, timeout=60)
@@ -119,7 +106,7 @@ async def test_a_flood_sends_the_limit_and_a_replay_releases_the_rest_once(
     service = await asyncio.to_thread(start, env, tmp_path)
     try:
         # A producer bug: 40 distinct activities for one customer within a minute.
-        await produce(kafka_bootstrap, topic, [customer_mail(f"loop-{i}") for i in range(40)])
+        await produce(kafka_bootstrap, topic, [customer_mail_event(f"loop-{i}") for i in range(40)])
         await smtp_server.wait_for(limit, timeout=30)
         assert await settle(lambda: len(smtp_server.messages)) == limit
         dlq = f"{topic}.dlq"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from devkit.config import service_env
-from devkit.events import CLOUDEVENT_HEADERS, encode, example
+from devkit.events import CLOUDEVENT_HEADERS, customer_mail_event, encode
 from devkit.process import ServiceProcess, free_port, run_notifier
 from devkit.smtp import SmtpRecorder
 from devkit.topics import Record, group_members, produce, read_topic
@@ -27,17 +27,8 @@ FLOOD = 40
 def flood_event(run: str, n: int) -> dict[str, Any]:
     """Activity `n` of the flood: one customer_content mail to dana, on a ticket of its own
     (so the keys spread over every partition, and so over every instance)."""
-    event = example(
-        "01-customer-content.json",
-        id=f"{run}-a{n}",
-        ticketID=f"{run}-t{n}",
-        activityUsers="",
-        activityDepartments="",
-        standardTicketAttachments="",
-        thisTicketAttachments="",
-        invoiceAttachments="",
-        followupDate=None,
-        followupTime=None,
+    event = customer_mail_event(
+        f"{run}-a{n}", ticketID=f"{run}-t{n}", followupDate=None, followupTime=None
     )
     event["data"]["ticket"] = {
         "id": f"{run}-t{n}",
