@@ -16,12 +16,12 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from devkit.config import service_settings
 from devkit.inprocess import running_service
 from devkit.smtp import SmtpRecorder
-from tests.test_events_sdk import MODES, TRACEPARENT, Message
+from devkit.topics import Record, produce, read_topic
+from tests.test_events_sdk import MODES, Message, attributes
 
 pytestmark = pytest.mark.integration
 
@@ -30,14 +30,6 @@ def sdk_messages() -> dict[str, Message]:
     """One customer_update per mode, each for its own activity (7001, 7002, ...)."""
     made = {}
     for number, mode in enumerate(MODES, start=7001):
-        attributes = {
-            "type": "ticketActivity.created",
-            "source": "/backend/api/v1/ticketActivities",
-            "subject": "1042",
-            "datacontenttype": "application/json",
-            "partitionkey": "1042",
-            "traceparent": TRACEPARENT,
-        }
         data = {
             "activity": {
                 "id": str(number),
@@ -46,43 +38,13 @@ def sdk_messages() -> dict[str, Message]:
                 "updateText": f"Status from the SDK ({mode}).",
             }
         }
-        made[mode] = MODES[mode](attributes, data)
+        made[mode] = MODES[mode](attributes(), data)
     return made
 
 
-async def send(bootstrap: str, topic: str, messages: list[Message]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        for message in messages:
-            await producer.send_and_wait(
-                topic,
-                value=message.value,
-                key=message.key,
-                headers=list(message.headers.items()),
-            )
-    finally:
-        await producer.stop()
-
-
-async def dead_letters(bootstrap: str, topic: str, count: int) -> list[dict[str, bytes]]:
-    """The headers of the first `count` records of the dead-letter topic."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.unsubscribe()
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        found: list[dict[str, bytes]] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while len(found) < count and loop.time() < deadline:
-            batches = await consumer.getmany(timeout_ms=500)
-            found += [dict(r.headers) for records in batches.values() for r in records]
-        return found
-    finally:
-        await consumer.stop()
+def records(messages: list[Message]) -> list[Record]:
+    """Exactly the key, headers and value the SDK made, to produce."""
+    return [Record(m.key, m.value, tuple(m.headers.items())) for m in messages]
 
 
 def parse(data: bytes) -> EmailMessage:
@@ -103,9 +65,10 @@ async def test_sdk_events_of_every_mode_are_mailed(
         tmp_path, bootstrap=kafka_bootstrap, topic=topic, smtp_port=smtp_server.port
     )
     async with running_service(settings):
-        await send(kafka_bootstrap, topic, [plain, *made.values()])
+        await produce(kafka_bootstrap, topic, records([plain, *made.values()]))
         await smtp_server.wait_for(len(made), timeout=60)
-        [headers] = await dead_letters(kafka_bootstrap, dlq_topic, 1)
+        [dead_letter] = await read_topic(kafka_bootstrap, dlq_topic, at_least=1)
+        headers = dict(dead_letter.headers)
         await asyncio.sleep(1.0)  # anything extra would arrive now
 
     assert len(smtp_server.messages) == len(made)
