@@ -78,10 +78,6 @@ class Dispatcher:
         """Abandon retries at once: unfinished records stay uncommitted and come back."""
         self._stopping.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
     def revoke(self, partitions: set[TopicPartition]) -> None:
         """These partitions moved away: take no new record of them (in a running batch too)."""
         self._revocations.update(partitions)

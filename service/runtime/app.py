@@ -135,9 +135,6 @@ def create_app(settings: Settings) -> AsgiFastStream:
 
     async def stop_consuming() -> None:
         dispatcher.stop()
-        # Batches finished before the stop: their commits go out while the consumer runs
-        # (a batch finishing later commits before its handler returns).
-        await consumer.flush()
         await scheduler.stop(settings.graceful_timeout_seconds)
 
     async def stop() -> None:

@@ -8,10 +8,6 @@ things it cannot do are done here, on the subscriber's public `consumer` (aiokaf
   on a partition this instance no longer owns after a rebalance. We seek only owned ones.
 - Survive a commit that races a rebalance: the records come back to whoever owns them now,
   and the ledger keeps them from being sent twice.
-- Commit off the batch's path: a batch's offsets are committed once it is done, as before,
-  but the next batch is fetched and served while that commit travels to the broker (it took
-  a round trip of every batch). Commits go one at a time, in order, each carrying every
-  finished batch so far; a revocation and a shutdown wait for them.
 """
 
 from __future__ import annotations
@@ -54,10 +50,6 @@ class BatchConsumer:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._subscriber: BatchSubscriber | None = None
-        # Next offset of each partition whose batches are all done, not yet committed.
-        self._done: dict[TopicPartition, int] = {}
-        self._dirty = False
-        self._committing: asyncio.Task[None] | None = None
 
     def attach(self, subscriber: BatchSubscriber) -> None:
         """The FastStream subscriber whose batches this handles."""
@@ -111,61 +103,21 @@ class BatchConsumer:
             self._rewind(records)
             await asyncio.sleep(REWIND_PAUSE_SECONDS)
             return
-        # Every record of the batch is done (sent and recorded, dead-lettered or skipped):
-        # only now may its offsets be committed.
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            self._done[tp] = max(self._done.get(tp, 0), record.offset + 1)
-        self._dirty = True
-        if self._committing is None:
-            self._committing = asyncio.create_task(self._commit())
-        if self._dispatcher.stopping:
-            # Shutting down: this batch's commit goes out before the handler returns.
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Return once every finished batch's offsets were committed (or refused)."""
-        if self._committing is not None:
-            await asyncio.shield(self._committing)
+        await self._commit()
 
     async def _commit(self) -> None:
-        try:
-            while self._dirty:
-                self._dirty = False
-                await self._commit_done()
-        finally:
-            self._committing = None
-
-    async def _commit_done(self) -> None:
         consumer = self.consumer
         if consumer is None:
             return
-        # Only partitions this instance owns now: one lost in a rebalance is not among them.
-        owned = consumer.assignment()
-        offsets = {tp: offset for tp, offset in self._done.items() if tp in owned}
-        if not offsets:
-            return
         try:
-            await consumer.commit(offsets)
+            # Commits the consumed position of every partition this instance owns now: a
+            # partition lost in a rebalance is not among them.
+            await consumer.commit()
         except (CommitFailedError, IllegalStateError) as exc:
             # The group rebalanced under us: the new owner reads these records again and
             # the ledger skips what was sent.
             self._metrics.rewind("rebalanced")
             log.warning("commit refused after a rebalance", extra={"error": type(exc).__name__})
-        except KafkaError as exc:
-            # The broker is away: the next batch's commit carries these offsets too.
-            log.warning("commit failed", extra={"error": type(exc).__name__})
-
-    async def revoked(self, partitions: set[TopicPartition]) -> None:
-        """Commit what is done of partitions about to move away, then forget them."""
-        await self.flush()
-        self.assigned(partitions)
-
-    def assigned(self, partitions: set[TopicPartition]) -> None:
-        """Forget what this instance did with these partitions before: whoever owned them
-        since may have committed further, and a commit must never move back."""
-        for tp in partitions:
-            self._done.pop(tp, None)
 
     def _rewind(self, records: list[Record]) -> None:
         consumer = self.consumer
@@ -183,7 +135,7 @@ class BatchConsumer:
     @property
     def listener(self) -> ConsumerRebalanceListener:
         """For the subscriber: tells the dispatcher which partitions it loses."""
-        return _Rebalance(self._dispatcher, self)
+        return _Rebalance(self._dispatcher)
 
     async def measure_lag(self) -> None:
         """Records behind the end of each owned partition, from the last commit."""
@@ -215,9 +167,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     batch handler commits only whole batches, and never a partition it lost).
     """
 
-    def __init__(self, dispatcher: Dispatcher, consumer: BatchConsumer) -> None:
+    def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
-        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         partitions = {(tp.topic, tp.partition) for tp in revoked}
@@ -232,7 +183,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                 "records still in flight after a revocation; their claims keep them safe",
                 extra={"partitions": len(partitions)},
             )
-        await self._consumer.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._consumer.assigned(assigned)
+        pass
