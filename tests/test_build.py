@@ -18,7 +18,7 @@ import pytest
 
 from service.core.directory import Contact
 from service.core.routing import Kind, Notification
-from service.delivery.build import Built, InlineBuilder, MailSpec, NotBuilt
+from service.delivery.build import Built, InlineBuilder, MailSpec, NotBuilt, Rendered
 from service.delivery.workers import CHUNK_MAX, PooledBuilder, WorkerPool
 from service.runtime.settings import default_templates_dir
 
@@ -89,11 +89,25 @@ async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) 
     ]
     local = [spec(tmp_path).factory().build(n) for n in ns]
     pool = pooled(tmp_path, 1)
+    renders: list[str] = []
+    real = pool.inline.factory.render
+
+    def counting(n: Notification) -> Any:
+        renders.append(n.activity_id)
+        return real(n)
+
+    pool.inline.factory.render = counting  # type: ignore[method-assign]
+    await pool.start()
     try:
-        # Mails with attachments are built inline even with workers: ask a worker directly.
-        remote = await pool.pool.build_chunk(ns)
+        # A worker renders every mail; those with attachments get their files here.
+        ahead = await pool.pool.build_chunk(ns)
+        batch = pool.batch(ns)
+        remote = [await batch.build(n) for n in ns]
+        await batch.close()
     finally:
         pool.close()
+    assert [type(o) for o in ahead] == [Built, Rendered, Rendered, Rendered, Rendered]
+    assert renders == []
     assert [type(o) for o in remote] == [Built, Built, NotBuilt, NotBuilt, NotBuilt]
     assert [(o.failure.stage, o.missing) for o in remote if isinstance(o, NotBuilt)] == [
         ("attachment", True),

@@ -7,8 +7,9 @@ Kafka batch, whose `build(n)` gives the outcome for `n`:
   thread of their own, off the event loop.
 - `PooledBuilder` (in `service.delivery.workers`) builds the batch's mails without
   attachments ahead in worker processes, a chunk per call, and looks them up by
-  notification key; mails with attachments are built inline, just before they are sent,
-  so a batch never holds more than the in-flight records' attachments in memory.
+  notification key. Mails with attachments are only rendered ahead there (`Rendered`);
+  their files are attached and the MIME assembled inline, just before they are sent, so
+  a batch never holds more than the in-flight records' attachments in memory.
 
 A missing attachment may still be uploaded: its `NotBuilt` keeps the rendered mail, and
 `rebuild` retries only the attachments and the MIME, without rendering again.
@@ -66,6 +67,14 @@ Outcome = Built | NotBuilt
 
 
 @dataclass(frozen=True, slots=True)
+class Rendered:
+    """A mail's templates' output, waiting for its attachments (a worker renders ahead)."""
+
+    mail: RenderedMail
+    render_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class MailSpec:
     """Everything a process needs to build mails (picklable, for worker processes)."""
 
@@ -114,6 +123,13 @@ class MailFactory:
         except RenderError as exc:
             return NotBuilt(Failure.of(Stage.RENDER, str(exc)))
         return mail, time.perf_counter() - started
+
+    def build_ahead(self, n: Notification) -> Outcome | Rendered:
+        """The whole mail, or for a mail with attachments only its rendering."""
+        if not n.attachments:
+            return self.build(n)
+        rendered = self.render(n)
+        return rendered if isinstance(rendered, NotBuilt) else Rendered(*rendered)
 
     def load(self, refs: Sequence[str]) -> list[Attachment]:
         """The referenced files; AttachmentMissing or AttachmentRefused."""
@@ -192,14 +208,15 @@ class InlineBatch:
         if isinstance(rendered, NotBuilt):
             return rendered
         mail, seconds = rendered
-        return await self._attach(n, mail, seconds)
+        return await self.attach(n, mail, seconds)
 
     async def rebuild(self, n: Notification, previous: NotBuilt) -> Outcome:
         if previous.rendered is None:
             return await self.build(n)
-        return await self._attach(n, previous.rendered, previous.render_seconds)
+        return await self.attach(n, previous.rendered, previous.render_seconds)
 
-    async def _attach(self, n: Notification, mail: RenderedMail, seconds: float) -> Outcome:
+    async def attach(self, n: Notification, mail: RenderedMail, seconds: float) -> Outcome:
+        """A rendered mail with its files (read on the loader thread), assembled."""
         attachments: list[Attachment] = []
         if n.attachments:
             loop = asyncio.get_running_loop()

@@ -27,6 +27,7 @@ from service.delivery.build import (
     MailSpec,
     NotBuilt,
     Outcome,
+    Rendered,
 )
 
 log = logging.getLogger("service.delivery.workers")
@@ -48,17 +49,18 @@ class _Ahead:
     """A notification handed to a worker, and where its outcome will be."""
 
     notification: Notification
-    chunk: asyncio.Task[list[Outcome]]
+    chunk: asyncio.Task[list[Outcome | Rendered]]
     index: int
 
 
 @dataclass(slots=True)
 class PooledBatch:
-    """One Kafka batch: its attachment-free mails built ahead by the workers."""
+    """One Kafka batch: its mails built ahead by the workers (those with attachments
+    rendered ahead, then attached and assembled here when asked for)."""
 
     inline: InlineBatch
     ahead: dict[Key, _Ahead] = field(default_factory=dict)
-    chunks: list[asyncio.Task[list[Outcome]]] = field(default_factory=list)
+    chunks: list[asyncio.Task[list[Outcome | Rendered]]] = field(default_factory=list)
 
     async def build(self, n: Notification) -> Outcome:
         entry = self.ahead.get(n.key)
@@ -68,9 +70,12 @@ class PooledBatch:
             return await self.inline.build(n)
         del self.ahead[n.key]
         try:
-            return (await entry.chunk)[entry.index]
+            outcome = (await entry.chunk)[entry.index]
         except BrokenProcessPool:
             raise WorkerLost from None
+        if isinstance(outcome, Rendered):
+            return await self.inline.attach(n, outcome.mail, outcome.render_seconds)
+        return outcome
 
     async def rebuild(self, n: Notification, previous: NotBuilt) -> Outcome:
         return await self.inline.rebuild(n, previous)
@@ -113,8 +118,9 @@ class WorkerPool:
         size = min(CHUNK_MAX, max(1, -(-len(ns) // self.workers)))
         return [ns[i : i + size] for i in range(0, len(ns), size)]
 
-    async def build_chunk(self, ns: Sequence[Notification]) -> list[Outcome]:
-        """One chunk's outcomes, in order (BrokenProcessPool if its worker died)."""
+    async def build_chunk(self, ns: Sequence[Notification]) -> list[Outcome | Rendered]:
+        """One chunk's outcomes, in order (BrokenProcessPool if its worker died); a mail
+        with attachments comes back `Rendered`."""
         executor = self._executor
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, _build_chunk, ns)
@@ -131,23 +137,24 @@ class WorkerPool:
 
 
 class PooledBuilder:
-    """The MailBuilder that hands a batch's mails without attachments to a WorkerPool, and
-    builds the others inline, in this process, just before they are sent."""
+    """The MailBuilder that hands a batch's mails to a WorkerPool: those without
+    attachments are built there, the others rendered there and given their files in this
+    process, just before they are sent."""
 
     def __init__(self, pool: WorkerPool, inline: InlineBuilder) -> None:
         self.pool = pool
-        self._inline = inline
+        self.inline = inline
 
     async def start(self) -> None:
         await self.pool.start()
 
     def batch(self, ahead: Sequence[Notification]) -> PooledBatch:
-        """Send the mails without attachments to the workers, in order, each key once."""
-        batch = PooledBatch(self._inline.batch(()))
+        """Send the mails to the workers, in order, each key once."""
+        batch = PooledBatch(self.inline.batch(()))
         todo: list[Notification] = []
         seen: set[Key] = set()
         for n in ahead:
-            if not n.attachments and n.key not in seen:
+            if n.key not in seen:
                 seen.add(n.key)
                 todo.append(n)
         for chunk in self.pool.chunks(todo):
@@ -159,7 +166,7 @@ class PooledBuilder:
 
     def close(self) -> None:
         self.pool.close()
-        self._inline.close()
+        self.inline.close()
 
 
 # The worker side: one MailFactory per process, made by the pool's initializer.
@@ -183,6 +190,6 @@ def _ready() -> bool:
     return _factory is not None
 
 
-def _build_chunk(ns: Sequence[Notification]) -> list[Outcome]:
+def _build_chunk(ns: Sequence[Notification]) -> list[Outcome | Rendered]:
     assert _factory is not None, "worker not initialized"
-    return [_factory.build(n) for n in ns]
+    return [_factory.build_ahead(n) for n in ns]
