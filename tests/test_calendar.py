@@ -6,6 +6,7 @@ import datetime as dt
 import email
 import email.policy
 import uuid
+from dataclasses import replace
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -216,3 +217,64 @@ def test_every_moment_parses_back_to_itself(
     # icalendar caches zones by TZID, so each example renames to a name of its own.
     renamed = Calendar.from_ical(made.data.replace(zone_name.encode(), unique_tzid()))
     assert instant(renamed.events[0].start) == moment
+
+
+def whole_calendar(
+    entries: tuple[CalendarEntry, ...], activity: str, summary: str, language: str, zone: dt.tzinfo
+) -> bytes:
+    """The file as icalendar writes the whole calendar (what the skeleton must equal)."""
+    from service.core.calendar import _SUMMARY, PRODID, _event, _start, _vtimezone_ical
+
+    calendar = Calendar()
+    calendar.add("prodid", PRODID)
+    calendar.add("version", "2.0")
+    calendar.add("method", "PUBLISH")
+    starts = [_start(entry.moment, zone) for entry in entries]
+    for entry, start in zip(entries, starts, strict=True):
+        label = _SUMMARY[language][entry.kind]
+        uid = calendar_uid(entry.kind, activity, DOMAIN)
+        calendar.add_component(_event(uid, entry, start, f"{label}: {summary}".strip(), STAMP))
+    data = bytes(calendar.to_ical())
+    if isinstance(zone, ZoneInfo) and any(start.tzinfo is zone for start in starts):
+        years = [start.year for start in starts]
+        at = data.index(b"BEGIN:VEVENT\r\n")
+        data = data[:at] + _vtimezone_ical(zone, min(years), max(years)) + data[at:]
+    return data
+
+
+# Escaped characters, a line break, non-ASCII and wide characters (folding counts octets).
+TEXT = st.text(st.sampled_from(list('aZ 09,;:\\"\n\r\täß€😀\u2060<>&')), max_size=150)
+# Plain ASCII around the length where a line starts to be folded (75 octets).
+ASCII = st.text(st.sampled_from(list("aZ 09-")), min_size=30, max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ZONES,
+    st.lists(
+        st.tuples(
+            st.sampled_from([FOLLOWUP, ACTION]),
+            st.datetimes(min_value=dt.datetime(2025, 1, 1), max_value=dt.datetime(2028, 12, 31)),
+            st.integers(min_value=0, max_value=10**6),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    st.one_of(ASCII, TEXT),
+    st.one_of(ASCII, st.text(st.sampled_from(list("aZ09-,;\\ä")), min_size=1, max_size=60)),
+    st.sampled_from(["en", "de"]),
+)
+def test_the_file_is_what_icalendar_writes_for_the_whole_calendar(
+    zone_name: str,
+    dates: list[tuple[Kind, dt.datetime, int]],
+    subject: str,
+    activity: str,
+    language: str,
+) -> None:
+    zone = ZoneInfo(zone_name)
+    entries = tuple(
+        CalendarEntry(kind, naive.replace(tzinfo=UTC), sequence) for kind, naive, sequence in dates
+    )
+    n = replace(staff(*entries, locale=language), activity_id=activity, ticket_subject=subject)
+    made = ics(n, zone=zone)
+    assert made.data == whole_calendar(entries, activity, f"[T-1042] {subject}", language, zone)
