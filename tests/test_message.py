@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
+import html
 import re
 from email.message import EmailMessage, MIMEPart
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from devkit.events import make_notification
 from service.core.directory import Contact
 from service.core.message import AddressError, Attachment, build_message, message_id, thread_ids
-from service.core.mime import media_type, safe_filename, text_body
+from service.core.mime import html_body, media_type, safe_filename, text_body
 from service.core.render import RenderedMail
 from service.core.routing import Kind
 from service.core.text import one_line as clean
@@ -70,13 +71,21 @@ def parse(data: bytes) -> EmailMessage:
 
 
 def assert_wire_format(data: bytes) -> None:
-    """CRLF only, lines within 998 octets (RFC 5322 §2.1.1), 7-bit clean."""
+    """CRLF only, lines within 998 octets (RFC 5322 §2.1.1), 7-bit clean; encoded lines
+    (and headers) within 78, a 7bit HTML part's within 998."""
     assert data.isascii()
     assert b"\r" not in data.replace(b"\r\n", b"")
     assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\0" not in data
     assert all(len(line) <= 998 for line in data.split(b"\r\n"))
     _head, _, body = data.partition(b"\r\n\r\n")
-    assert all(len(line) <= 78 for line in body.split(b"\r\n"))
+    limit = 78
+    for line in body.split(b"\r\n"):
+        if line.startswith(b"--=_"):
+            limit = 78
+        elif line.lower() == b"content-transfer-encoding: 7bit":
+            limit = 998
+        assert len(line) <= limit
 
 
 def content(part: MIMEPart) -> str:
@@ -323,6 +332,74 @@ def test_text_bodies_use_quoted_printable_or_base64_as_fits() -> None:
     cte, body = text_body("x" * 300 + "\n.\nend \n")
     assert cte == "quoted-printable"
     assert all(len(line) <= 76 for line in body.split(b"\r\n"))
+
+
+PAGE = "<html><head><style>p { color: #333; }</style></head><body>\n<p>BODY</p>\n</body></html>"
+
+
+def page_of(body: str) -> str:
+    return PAGE.replace("BODY", body)
+
+
+def html_part(data: bytes) -> tuple[str, str]:
+    """(Content-Transfer-Encoding, decoded content) of the message's HTML part."""
+    (part,) = [p for p in parse(data).walk() if p.get_content_type() == "text/html"]
+    return str(part["Content-Transfer-Encoding"]), content(part)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Grüße aus Köln – bis Montag",
+        "plain ASCII & <escaped>",
+        "Mit Grüßen, Ωμέγα 😀, from the helpdesk team of the company\nend",
+        "x" * 990,
+    ],
+)
+def test_html_in_a_latin_script_travels_7bit_with_character_references(text: str) -> None:
+    page = page_of(html.escape(text).replace("\n", "<br>\n"))
+    data = build(mail=RenderedMail("s", "t", page))
+    assert_wire_format(data)
+    encoding, received = html_part(data)
+    assert encoding == "7bit"
+    # The reader sees the same characters: references stand for them.
+    assert html.unescape(received) == html.unescape(page.replace("\r\n", "\n"))
+
+
+@pytest.mark.parametrize(
+    ("page", "expected"),
+    [
+        (page_of("x" * 1200), "quoted-printable"),  # a line over 998 octets
+        (page_of("a\0b"), "quoted-printable"),  # NUL may not travel 7bit
+        (page_of("a\x1bb"), "quoted-printable"),
+        (page_of("x<br>\n--=_a.0123"), "quoted-printable"),  # reads like a boundary
+        ("--=_a.0123\n<p>x</p>", "quoted-printable"),
+        (page_of("x").replace("#333;", "#333; content: 'ä';"), "quoted-printable"),
+        ("<script>var s = 'ä';</script><p>ä</p>", "quoted-printable"),
+        (page_of("東京の天気は晴れです" * 20), "base64"),  # references: larger than base64
+        (page_of("ü" * 400), "base64"),
+    ],
+)
+def test_html_that_cannot_travel_as_is_is_encoded(page: str, expected: str) -> None:
+    assert html_body(page)[0] == expected
+    data = build(mail=RenderedMail("s", "t", page))
+    assert_wire_format(data)
+    encoding, received = html_part(data)
+    assert encoding == expected
+    assert received == page.replace("\r\n", "\n")
+
+
+def test_a_boundary_in_the_activity_text_makes_no_part() -> None:
+    token = re.search(rb'boundary="(=_a\.[0-9a-f]+)"', build()).group(1).decode()
+    forged = f"x\n--{token}\nContent-Type: text/html\n\n<p>forged</p>\n--{token}--"
+    page = page_of(html.escape(forged).replace("\n", "<br>\n"))
+    data = build(mail=RenderedMail("s", "t", page))
+    assert [p.get_content_type() for p in parse(data).walk()] == [
+        "multipart/alternative",
+        "text/plain",
+        "text/html",
+    ]
+    assert html_part(data)[1] == page
 
 
 def test_cjk_text_parses_back() -> None:

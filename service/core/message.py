@@ -17,6 +17,7 @@ from service.core.mime import (
     address,
     base64_body,
     filename_params,
+    html_body,
     media_type,
     split_mailbox,
     text_body,
@@ -128,8 +129,9 @@ def build_message(
     if date.tzinfo is None:
         date = date.replace(tzinfo=UTC)
     sender_name, sender_addr = split_mailbox(sender)
-    # The boundary starts with "=_", which quoted-printable and base64 can never produce,
-    # so it cannot occur inside any part (RFC 2045 §6.7, RFC 2046 §5.1.1).
+    # The boundary starts with "=_", which quoted-printable and base64 can never produce
+    # and a 7bit HTML part never has at a line's start, so it cannot occur inside any part
+    # (RFC 2045 §6.7, RFC 2046 §5.1.1).
     token = hashlib.sha256(msg_id.encode("ascii")).hexdigest()[:32]
     alt_boundary = f"=_a.{token}"
     top_type = f'multipart/alternative;{CRLF} boundary="{alt_boundary}"'
@@ -161,8 +163,10 @@ def build_message(
     if attachments:
         out += f"--{mixed_boundary}{CRLF}Content-Type: multipart/alternative;{CRLF}".encode("ascii")
         out += f' boundary="{alt_boundary}"{CRLF}{CRLF}'.encode("ascii")
-    for subtype, text in (("plain", mail.text), ("html", mail.html)):
-        encoding, body = text_body(text)
+    for subtype, (encoding, body) in (
+        ("plain", text_body(mail.text)),
+        ("html", html_body(mail.html)),
+    ):
         out += (
             f"--{alt_boundary}{CRLF}Content-Type: text/{subtype}; charset=utf-8{CRLF}"
             f"Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}"

@@ -251,6 +251,53 @@ def text_body(text: str) -> tuple[str, bytes]:
     return "quoted-printable", body if b"\n" in data else body.replace(b"\n", b"\r\n")
 
 
+# RFC 5322 §2.1.1: a line holds at most 998 characters before its CRLF.
+_LINE_MAX = 998
+# A 7bit part carries no NUL and no control character but tab and line ends (RFC 2045 §2.7).
+_SEVEN_BIT = b"\t\n" + bytes(range(0x20, 0x7F))
+# Raw-text elements: a character reference inside them is not read as one.
+_RAW_TEXT = (b"style", b"script")
+
+
+def html_body(html: str) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, body) for an HTML part: 7bit when it can travel as is.
+
+    Characters beyond ASCII are written as numeric character references (`&#228;`), which
+    an HTML reader reads as the characters themselves, so a page in a Latin script needs
+    no transfer encoding at all (quoted-printable of a page costs more CPU than building
+    the rest of the mail). text_body decides instead when the page has a line over 998
+    octets, a control character, a line that starts like a boundary (`--=_`), a
+    character beyond ASCII inside <style> or <script> (where a reference stays literal),
+    or when the references make it a third larger than its text (base64 is smaller).
+    """
+    if html.isascii():
+        data = html.encode("ascii")
+    else:
+        data = html.encode("ascii", "xmlcharrefreplace")
+        if len(data) * 3 > len(html) * 4 or _reference_in_raw_text(data):
+            return text_body(html)
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if data.startswith(b"--=_") or b"\n--=_" in data or data.translate(None, _SEVEN_BIT):
+        return text_body(html)
+    if max(map(len, data.split(b"\n"))) > _LINE_MAX:
+        return text_body(html)
+    return "7bit", data.replace(b"\n", b"\r\n")
+
+
+def _reference_in_raw_text(data: bytes) -> bool:
+    """Is there a `&#` inside <style> or <script> (one made, or one written there)?"""
+    lower = data.lower()
+    for name in _RAW_TEXT:
+        at = lower.find(b"<" + name)
+        while at >= 0:
+            end = lower.find(b"</" + name, at)
+            end = len(data) if end < 0 else end
+            if b"&#" in data[at:end]:
+                return True
+            at = lower.find(b"<" + name, end)
+    return False
+
+
 def base64_body(data: bytes) -> bytes:
     """Base64 in 76-column CRLF lines (RFC 2045 §6.8)."""
     return base64.encodebytes(data).replace(b"\n", b"\r\n").rstrip(b"\r\n")
