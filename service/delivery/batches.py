@@ -46,8 +46,15 @@ class BatchOpener:
             for n in item.result.notifications
             if key_of(n) not in sent
         ]
-        claims, claimed_at = await self._claim(live, sent)
-        await self._record_tickets(live)
+        # The workers start on the mails while the claims are asked for: building is pure,
+        # and a mail whose claim is lost is dropped unsent with the batch.
+        mails = self._builder.batch(unsent)
+        try:
+            claims, claimed_at = await self._claim(live, sent)
+            await self._record_tickets(live)
+        except BaseException:
+            await mails.close()
+            raise
         return Batch(
             sent=sent,
             claims=claims,
@@ -56,7 +63,7 @@ class BatchOpener:
                 claimed_at + self._config.lease_seconds,
             ),
             deadline=time.monotonic() + self._config.retry_budget,
-            mails=self._builder.batch(unsent),
+            mails=mails,
             parent_mails=parents,
         )
 
