@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -36,9 +37,55 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines logged during one turn of the event loop together, at its end.
+
+    Under load one turn finishes many mails (a group commit), and one write of their lines
+    costs a fraction of a write per line. Nothing waits for a timer: the lines go out as
+    soon as the turn ends. Warnings and errors, and lines logged off the event loop's
+    thread, are written at once (after any lines still waiting, so their order holds).
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or record.levelno >= logging.WARNING:
+            with self.lock:  # type: ignore[union-attr]
+                self._waiting.append(line)
+            self.flush()
+            return
+        with self.lock:  # type: ignore[union-attr]
+            self._waiting.append(line)
+            first = len(self._waiting) == 1
+        if first:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is waiting (also at exit: logging.shutdown flushes every handler)."""
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._waiting = self._waiting, []
+            try:
+                if lines:
+                    self.stream.write("".join(lines))
+                self.stream.flush()
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
+
+
 def configure_logging(level: str) -> None:
     """Send every logger's records to stderr as JSON lines at `level`."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TurnHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
