@@ -440,21 +440,27 @@ async def test_a_dead_worker_rewinds_the_batch_and_is_replaced(tmp_path: Path) -
         await r.close()
 
 
-async def test_with_workers_only_mails_with_attachments_are_built_in_process(
+async def test_with_workers_only_attachments_are_added_in_process(
     tmp_path: Path,
 ) -> None:
     r = Rig(tmp_path, workers=1)
     await r.open()
     try:
         (r.store_dir / "manual.pdf").write_bytes(b"%PDF-1.4 manual")
-        built_here: list[str] = []
-        real = r.factory.render
+        rendered_here: list[str] = []
+        assembled_here: list[str] = []
+        render, assemble = r.factory.render, r.factory.assemble
 
-        def spy(n: Any) -> Any:
-            built_here.append(n.kind.value)
-            return real(n)
+        def spy_render(n: Any) -> Any:
+            rendered_here.append(n.kind.value)
+            return render(n)
 
-        r.factory.render = spy  # type: ignore[method-assign]
+        def spy_assemble(n: Any, *args: Any) -> Any:
+            assembled_here.append(n.kind.value)
+            return assemble(n, *args)
+
+        r.factory.render = spy_render  # type: ignore[method-assign]
+        r.factory.assemble = spy_assemble  # type: ignore[method-assign]
         act = activity(
             standardTicketAttachments="manual.pdf",
             activityUsers="bob@helpdesk.test",
@@ -467,7 +473,9 @@ async def test_with_workers_only_mails_with_attachments_are_built_in_process(
             CUSTOMER,
             CUSTOMER,
         ]
-        # The customer's content mail carries the file; the update and staff mails do not.
-        assert built_here == ["customer_content"]
+        # Every mail is rendered by the worker; the customer's content mail, which carries
+        # the file, is assembled here (its file read here); the others come built.
+        assert rendered_here == []
+        assert assembled_here == ["customer_content"]
     finally:
         await r.close()
