@@ -159,7 +159,20 @@ async def test_a_mail_the_caller_withholds_at_the_end_is_not_finished() -> None:
         await send_transaction(
             protocol, "a@x.test", "b@y.test", b"body\r\n", pipelining=True, may_finish=lambda: False
         )
-    assert bytes(transport.written).endswith(b"DATA\r\nbody\r\n")  # no end of DATA
+    # Neither the mail's last piece (here all of it) nor the end of DATA was written.
+    assert bytes(transport.written).endswith(b"DATA\r\n")
+    assert transport.aborted
+
+
+async def test_a_large_mail_withheld_at_the_end_stops_before_its_last_piece() -> None:
+    protocol, transport = wired()
+    protocol.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    payload = b"a" * WRITE_CHUNK + b"b" * 10
+    with pytest.raises(Withheld):
+        await send_transaction(
+            protocol, "a@x.test", "b@y.test", payload, pipelining=True, may_finish=lambda: False
+        )
+    assert bytes(transport.written).endswith(b"DATA\r\n" + b"a" * WRITE_CHUNK)
     assert transport.aborted
 
 

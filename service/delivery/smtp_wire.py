@@ -215,13 +215,15 @@ async def send_transaction(
         if code // 100 != wanted:
             raise SmtpReplyError(code, text)
     view = memoryview(payload)
-    for start in range(0, len(view), WRITE_CHUNK):
+    last = max(0, (len(view) - 1) // WRITE_CHUNK * WRITE_CHUNK)  # where the last piece starts
+    for start in range(0, last, WRITE_CHUNK):
         protocol.write(view[start : start + WRITE_CHUNK])
         await protocol.drain()
     if may_finish is not None and not may_finish():
         protocol.abort()
         raise Withheld
-    protocol.write(END_OF_DATA)
+    # The last piece and the end of DATA in one write (one segment for most mails).
+    protocol.write(bytes(view[last:]) + END_OF_DATA)
     code, text = await protocol.reply()
     if code // 100 != SMTPStatus.completed // 100:
         raise SmtpReplyError(code, text)
