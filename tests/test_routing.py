@@ -545,3 +545,14 @@ def test_route_is_pure_and_deterministic() -> None:
     e = everything()
     assert route(e, DIRECTORY, ALLOW) == route(e, DIRECTORY, ALLOW)
     assert isinstance(e.data.activity, Activity)
+
+
+def test_evolve_is_dataclasses_replace() -> None:
+    from devkit.events import make_notification
+
+    n = make_notification(Kind.STAFF)
+    contact = Contact(name="Other", email="other@x.test", locale="de")
+    for changes in ({}, {"recipient": contact}, {"kind": Kind.SUPPLIER, "moment": "m"}):
+        assert n.evolve(**changes) == dataclasses.replace(n, **changes)
+    with pytest.raises(KeyError):
+        n.evolve(no_such_field=1)

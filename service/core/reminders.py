@@ -223,7 +223,7 @@ def add_calendar(
     notifications: Iterable[Notification], entries: tuple[CalendarEntry, ...]
 ) -> tuple[Notification, ...]:
     """The notifications with `entries` set on the staff ones (only staff mail carries .ics)."""
-    return tuple(replace(n, calendar=entries) if n.kind is Kind.STAFF else n for n in notifications)
+    return tuple(n.evolve(calendar=entries) if n.kind is Kind.STAFF else n for n in notifications)
 
 
 def reminder_notifications(
@@ -238,17 +238,17 @@ def reminder_notifications(
     activity = event.data.activity
     unresolved: list[Unresolved] = []
     blank, _ = ticket_context(event, directory)
-    content = replace(
-        staff_content(activity, blank, directory), kind=kind, moment=moment_text(moment)
+    content = staff_content(activity, blank, directory).evolve(
+        kind=kind, moment=moment_text(moment)
     )
     local = moment.astimezone(zone)
     if kind is Kind.FOLLOWUP_REMINDER:
-        content = replace(content, followup=local, followup_time=None)
+        content = content.evolve(followup=local, followup_time=None)
     else:
-        content = replace(content, action_required=local, action_required_time=None)
+        content = content.evolve(action_required=local, action_required_time=None)
     recipients = staff_recipients(activity, directory, unresolved, with_author=True)
     return RoutingResult(
-        tuple(replace(content, recipient=r) for r in recipients),
+        tuple(content.evolve(recipient=r) for r in recipients),
         (),
         tuple(dict.fromkeys(unresolved)),
     )

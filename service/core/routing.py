@@ -1,9 +1,13 @@
 """Routing: one activity event to the notifications the policy calls for (pure, no I/O)."""
 
+from __future__ import annotations
+
 import datetime as dt
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from enum import StrEnum
+from operator import attrgetter
+from typing import Any
 
 from service.core.directory import Contact, Directory, normalize_token
 from service.core.events import Activity, ActivityEvent, Customer
@@ -79,6 +83,14 @@ class Notification:
     moment: str = ""  # reminders: the due moment, ISO 8601 UTC (`moment_text`); "" otherwise
     calendar: tuple[CalendarEntry, ...] = ()  # staff: the dates its .ics attachment carries
 
+    def evolve(self, **changes: Any) -> Notification:
+        """A copy with `changes` (what dataclasses.replace does, in half its time: routing
+        makes several per activity)."""
+        values = list(_all_fields(self))
+        for name, value in changes.items():
+            values[_FIELD_INDEX[name]] = value
+        return Notification(*values)
+
     @property
     def key(self) -> tuple[str, str, str, str]:
         """At most one mail per (activity id, kind, recipient address, moment).
@@ -87,6 +99,11 @@ class Notification:
         redelivered one is not.
         """
         return (self.activity_id, self.kind.value, self.recipient.email.lower(), self.moment)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Notification))
+_FIELD_INDEX = {name: i for i, name in enumerate(_FIELD_NAMES)}
+_all_fields = attrgetter(*_FIELD_NAMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +183,7 @@ def _customer_notifications(
     wanted = []
     if activity.send_content_by_email and activity.activity_text.strip():
         wanted.append(
-            replace(
-                blank,
+            blank.evolve(
                 kind=Kind.CUSTOMER_CONTENT,
                 activity_text=activity.activity_text,
                 attachments=_unique(
@@ -178,14 +194,14 @@ def _customer_notifications(
             )
         )
     if activity.send_update_by_email and activity.update_text.strip():
-        wanted.append(replace(blank, kind=Kind.CUSTOMER_UPDATE, update_text=activity.update_text))
+        wanted.append(blank.evolve(kind=Kind.CUSTOMER_UPDATE, update_text=activity.update_text))
     if wanted and customer is None:
         unresolved.extend(Unresolved("customer", activity.ticket_id, n.kind) for n in wanted)
         return []
     if customer is None:
         return []
     recipient = Contact(customer.name or customer.email, customer.email, customer.locale)
-    return [replace(n, recipient=recipient) for n in wanted]
+    return [n.evolve(recipient=recipient) for n in wanted]
 
 
 def _staff_notifications(
@@ -193,7 +209,7 @@ def _staff_notifications(
 ) -> list[Notification]:
     content = staff_content(activity, blank, directory)
     recipients = staff_recipients(activity, directory, unresolved, with_author=False)
-    return [replace(content, recipient=r) for r in recipients]
+    return [content.evolve(recipient=r) for r in recipients]
 
 
 def staff_recipients(
@@ -221,8 +237,7 @@ def staff_recipients(
 def staff_content(activity: Activity, blank: Notification, directory: Directory) -> Notification:
     """A staff notification of `activity` without its recipient: every field staff may see."""
     author = directory.user(activity.activity_user) if activity.activity_user else None
-    return replace(
-        blank,
+    return blank.evolve(
         kind=Kind.STAFF,
         activity_type=activity.ticket_activity_type,
         author=author.name if author else activity.activity_user,
@@ -251,8 +266,7 @@ def _supplier_notifications(
         "activitySuppliers", activity.activity_suppliers, directory.supplier, unresolved
     )
     required = activity.action_required_date
-    content = replace(
-        blank,
+    content = blank.evolve(
         kind=Kind.SUPPLIER,
         customer_name="",  # the customer's name is personal data the supplier does not need
         activity_text=activity.activity_text,
@@ -269,7 +283,7 @@ def _supplier_notifications(
             if ref not in activity.invoice_attachments
         ),
     )
-    return [replace(content, recipient=r) for r in _by_address(recipients)]
+    return [content.evolve(recipient=r) for r in _by_address(recipients)]
 
 
 @dataclass(frozen=True, slots=True)

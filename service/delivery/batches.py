@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from service.core.events import ActivityEvent
 from service.core.routing import Kind, Notification, RoutingResult
@@ -128,4 +128,4 @@ def answering(n: Notification, mails: dict[tuple[str, str], dict[str, str]]) -> 
         return n
     got = mails.get((n.parent_activity_id, key_of(n).recipient), {})
     parent = got.get(n.kind.value) or next((got[k.value] for k in Kind if k.value in got), None)
-    return replace(n, in_reply_to=parent) if parent != n.in_reply_to else n
+    return n.evolve(in_reply_to=parent) if parent != n.in_reply_to else n
