@@ -55,9 +55,11 @@ def notification(i: int, *attachments: str) -> Notification:
     [
         (0, 1, []),
         (1, 1, [1]),
-        (10, 1, [10]),
+        (10, 1, [4, 6]),
         (10, 3, [4, 4, 2]),
-        (200, 1, [CHUNK_MAX, CHUNK_MAX, CHUNK_MAX, 200 - 3 * CHUNK_MAX]),
+        (20, 4, [4, 5, 5, 5, 1]),
+        (200, 1, [4, 8, 16, 32, CHUNK_MAX, CHUNK_MAX, 200 - 188]),
+        (300, 1, [4, 8, 16, 32, CHUNK_MAX, CHUNK_MAX, CHUNK_MAX, 300 - 252]),
     ],
 )
 def test_chunks_share_the_work_and_stay_small(

@@ -36,6 +36,7 @@ log = logging.getLogger("service.delivery.workers")
 # a small share, small enough that the first mails of a large batch go out while the rest
 # are still being built.
 CHUNK_MAX = 64
+FIRST_CHUNK = 4
 
 Key = tuple[str, ...]
 
@@ -114,9 +115,18 @@ class WorkerPool:
         )
 
     def chunks(self, ns: Sequence[Notification]) -> list[Sequence[Notification]]:
-        """Split a batch's notifications so every worker gets a share, CHUNK_MAX at most."""
+        """Split a batch's notifications so every worker gets a share, CHUNK_MAX at most.
+
+        The first chunks are small (FIRST_CHUNK, doubling from one to the next), so the
+        batch's first mails go out while the rest is still being built.
+        """
         size = min(CHUNK_MAX, max(1, -(-len(ns) // self.workers)))
-        return [ns[i : i + size] for i in range(0, len(ns), size)]
+        out: list[Sequence[Notification]] = []
+        start, step = 0, min(FIRST_CHUNK, size)
+        while start < len(ns):
+            out.append(ns[start : start + step])
+            start, step = start + step, min(size, step * 2)
+        return out
 
     async def build_chunk(self, ns: Sequence[Notification]) -> list[Outcome | Rendered]:
         """One chunk's outcomes, in order (BrokenProcessPool if its worker died); a mail
