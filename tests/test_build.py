@@ -128,15 +128,25 @@ async def test_a_batch_finds_each_mail_by_key_and_content(tmp_path: Path) -> Non
     first = notification(1)
     edited = replace(first, activity_text="edited text")  # same key, other content
     pool = pooled(tmp_path, 1)
+    rendered_here: list[str] = []
+    real = pool.inline.factory.render
+
+    def counting(n: Notification) -> Any:
+        rendered_here.append(n.activity_id)
+        return real(n)
+
+    pool.inline.factory.render = counting  # type: ignore[method-assign]
     await pool.start()
     try:
         batch = pool.batch([first, edited, notification(2)])
-        # One worker call per key: the edited twin is built here, with its own text.
+        # One call ahead per key: the edited twin goes to a worker on its own, with its
+        # own text.
         assert sorted(batch.ahead) == sorted([first.key, notification(2).key])
         built = [await batch.build(n) for n in (first, edited, notification(2))]
         await batch.close()
     finally:
         pool.close()
+    assert rendered_here == []
     assert all(isinstance(b, Built) for b in built)
     texts = [b.data for b in built if isinstance(b, Built)]
     assert b"text 1" in texts[0]

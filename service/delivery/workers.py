@@ -59,19 +59,22 @@ class PooledBatch:
     """One Kafka batch: its mails built ahead by the workers (those with attachments
     rendered ahead, then attached and assembled here when asked for)."""
 
+    pool: WorkerPool
     inline: InlineBatch
     ahead: dict[Key, _Ahead] = field(default_factory=dict)
     chunks: list[asyncio.Task[list[Outcome | Rendered]]] = field(default_factory=list)
 
     async def build(self, n: Notification) -> Outcome:
         entry = self.ahead.get(n.key)
-        # Two records of one activity in a batch give the same key; only the notification
-        # that was sent ahead takes the worker's outcome, the other is built here.
-        if entry is None or entry.notification != n:
-            return await self.inline.build(n)
-        del self.ahead[n.key]
+        # Two records of one activity in a batch give the same key, and a follow-up whose
+        # parent was mailed earlier in the batch now answers that mail: only the
+        # notification sent ahead takes its outcome, any other goes to a worker on its own.
         try:
-            outcome = (await entry.chunk)[entry.index]
+            if entry is None or entry.notification != n:
+                [outcome] = await self.pool.build_chunk([n])
+            else:
+                del self.ahead[n.key]
+                outcome = (await entry.chunk)[entry.index]
         except BrokenProcessPool:
             raise WorkerLost from None
         if isinstance(outcome, Rendered):
@@ -160,7 +163,7 @@ class PooledBuilder:
 
     def batch(self, ahead: Sequence[Notification]) -> PooledBatch:
         """Send the mails to the workers, in order, each key once."""
-        batch = PooledBatch(self.inline.batch(()))
+        batch = PooledBatch(self.pool, self.inline.batch(()))
         todo: list[Notification] = []
         seen: set[Key] = set()
         for n in ahead:
