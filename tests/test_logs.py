@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 from typing import Any
 
 from service.runtime.logs import JsonFormatter, TurnHandler
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Recording:
@@ -78,3 +85,28 @@ async def test_what_waits_is_written_at_exit() -> None:
     assert stream.writes == []
     logging.shutdown([lambda: log.handlers[0]])  # what interpreter exit does
     assert [line["n"] for line in stream.lines()] == [1]
+
+
+def test_lines_waiting_when_sigterm_ends_the_process_are_written() -> None:
+    # What uvicorn does after a graceful shutdown: re-raise SIGTERM, from the event loop,
+    # with SIGTERM's own (default) disposition back, so atexit never runs.
+    script = textwrap.dedent(
+        """
+        import asyncio, logging, signal
+        from service.runtime.logs import configure_logging
+
+        configure_logging("INFO")
+
+        async def main():
+            logging.getLogger("uvicorn.error").info("Application shutdown complete.")
+            signal.raise_signal(signal.SIGTERM)
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == -signal.SIGTERM
+    [line] = [json.loads(text) for text in done.stderr.splitlines()]
+    assert line["msg"] == "Application shutdown complete."

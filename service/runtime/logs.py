@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -83,8 +85,25 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
 
 
+def _flush_then_end(signum: int, frame: object) -> None:
+    """SIGTERM's default end, after the log lines still waiting are written.
+
+    uvicorn re-raises the SIGTERM it caught once it has shut down, so that the process
+    ends "killed by SIGTERM"; that skips atexit, where logging flushes its handlers.
+    """
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def configure_logging(level: str) -> None:
     """Send every logger's records to stderr as JSON lines at `level`."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, _flush_then_end)
+        except ValueError:  # not the main thread: a test, not the service
+            pass
     handler = TurnHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
