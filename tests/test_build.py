@@ -101,14 +101,14 @@ async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) 
     pool.inline.factory.render = counting  # type: ignore[method-assign]
     await pool.start()
     try:
-        # A worker renders every mail; those with attachments get their files here.
+        # A worker builds every mail, files and all (within a chunk's room for them).
         ahead = await pool.pool.build_chunk(ns)
         batch = pool.batch(ns)
         remote = [await batch.build(n) for n in ns]
         await batch.close()
     finally:
         pool.close()
-    assert [type(o) for o in ahead] == [Built, Rendered, Rendered, Rendered, Rendered]
+    assert [type(o) for o in ahead] == [Built, Built, NotBuilt, NotBuilt, NotBuilt]
     assert renders == []
     assert [type(o) for o in remote] == [Built, Built, NotBuilt, NotBuilt, NotBuilt]
     assert [(o.failure.stage, o.missing) for o in remote if isinstance(o, NotBuilt)] == [
@@ -122,6 +122,25 @@ async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) 
             assert _without_date(mine.data) == _without_date(theirs.data)
         else:
             assert replace(mine, render_seconds=0) == replace(theirs, render_seconds=0)
+
+
+def test_a_chunk_holds_attachments_up_to_its_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.delivery import workers
+
+    (tmp_path / "a.pdf").write_bytes(b"a" * 600)
+    (tmp_path / "b.pdf").write_bytes(b"b" * 600)
+    monkeypatch.setattr(workers, "AHEAD_ATTACHMENT_BYTES", 1000)
+    monkeypatch.setattr(workers, "_factory", spec(tmp_path).factory())
+    ns = [notification(1, "a.pdf"), notification(2, "b.pdf"), notification(3), notification(4)]
+    outcomes = workers._build_chunk(ns)
+    # The second file would pass the room: that mail comes back rendered, for this process
+    # to attach when it is sent; mails without files are built whatever the room.
+    assert [type(o) for o in outcomes] == [Built, Rendered, Built, Built]
+    built = outcomes[0]
+    assert isinstance(built, Built)
+    assert b"a.pdf" in built.data
 
 
 async def test_a_batch_finds_each_mail_by_key_and_content(tmp_path: Path) -> None:

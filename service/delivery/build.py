@@ -5,11 +5,11 @@ A mail is rendered (Jinja, CSS inlining), given its attachments and assembled as
 Kafka batch, whose `build(n)` gives the outcome for `n`:
 - `InlineBuilder` builds in this process; attachment files are read and encoded on a
   thread of their own, off the event loop.
-- `PooledBuilder` (in `service.delivery.workers`) builds the batch's mails without
-  attachments ahead in worker processes, a chunk per call, and looks them up by
-  notification key. Mails with attachments are only rendered ahead there (`Rendered`);
-  their files are attached and the MIME assembled inline, just before they are sent, so
-  a batch never holds more than the in-flight records' attachments in memory.
+- `PooledBuilder` (in `service.delivery.workers`) builds the batch's mails ahead in worker
+  processes, a chunk per call, and looks them up by notification key. A chunk holds at
+  most a few MiB of attachments; mails past that are only rendered ahead (`Rendered`),
+  their files attached and the MIME assembled inline just before they are sent, so what
+  a batch holds in memory stays bounded.
 
 A missing attachment may still be uploaded: its `NotBuilt` keeps the rendered mail, and
 `rebuild` retries only the attachments and the MIME, without rendering again.
@@ -106,15 +106,25 @@ class MailFactory:
 
     def build(self, n: Notification) -> Outcome:
         """The whole mail, in the calling thread."""
+        outcome, _ = self.build_ahead(n, room=None)
+        assert not isinstance(outcome, Rendered)  # no room limit: always assembled
+        return outcome
+
+    def build_ahead(self, n: Notification, room: int | None) -> tuple[Outcome | Rendered, int]:
+        """The whole mail and the attachment bytes it holds; only its rendering (and 0)
+        when its attachments are more than `room` bytes."""
         rendered = self.render(n)
         if isinstance(rendered, NotBuilt):
-            return rendered
+            return rendered, 0
         mail, seconds = rendered
         try:
             attachments = self._store.load(n.attachments)
         except (AttachmentMissing, AttachmentRefused) as exc:
-            return _not_attached(exc, mail, seconds)
-        return self.assemble(n, mail, seconds, attachments)
+            return _not_attached(exc, mail, seconds), 0
+        size = sum(len(item.data) for item in attachments)
+        if room is not None and size > room:
+            return Rendered(mail, seconds), 0
+        return self.assemble(n, mail, seconds, attachments), size
 
     def render(self, n: Notification) -> tuple[RenderedMail, float] | NotBuilt:
         started = time.perf_counter()
@@ -123,13 +133,6 @@ class MailFactory:
         except RenderError as exc:
             return NotBuilt(Failure.of(Stage.RENDER, str(exc)))
         return mail, time.perf_counter() - started
-
-    def build_ahead(self, n: Notification) -> Outcome | Rendered:
-        """The whole mail, or for a mail with attachments only its rendering."""
-        if not n.attachments:
-            return self.build(n)
-        rendered = self.render(n)
-        return rendered if isinstance(rendered, NotBuilt) else Rendered(*rendered)
 
     def load(self, refs: Sequence[str]) -> list[Attachment]:
         """The referenced files; AttachmentMissing or AttachmentRefused."""

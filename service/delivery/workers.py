@@ -37,6 +37,9 @@ log = logging.getLogger("service.delivery.workers")
 # are still being built.
 CHUNK_MAX = 64
 FIRST_CHUNK = 4
+# Attachment bytes a chunk's mails may hold; mails past it come back rendered and are
+# given their files when sent. A batch of 1,000 mails is 19 chunks: at most 76 MiB ahead.
+AHEAD_ATTACHMENT_BYTES = 4 * 1024 * 1024
 
 Key = tuple[str, ...]
 
@@ -56,8 +59,8 @@ class _Ahead:
 
 @dataclass(slots=True)
 class PooledBatch:
-    """One Kafka batch: its mails built ahead by the workers (those with attachments
-    rendered ahead, then attached and assembled here when asked for)."""
+    """One Kafka batch: its mails built ahead by the workers (those past a chunk's room
+    for attachments rendered ahead, then attached and assembled here when asked for)."""
 
     pool: WorkerPool
     inline: InlineBatch
@@ -133,7 +136,7 @@ class WorkerPool:
 
     async def build_chunk(self, ns: Sequence[Notification]) -> list[Outcome | Rendered]:
         """One chunk's outcomes, in order (BrokenProcessPool if its worker died); a mail
-        with attachments comes back `Rendered`."""
+        past the chunk's room for attachments comes back `Rendered`."""
         executor = self._executor
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, _build_chunk, ns)
@@ -150,9 +153,9 @@ class WorkerPool:
 
 
 class PooledBuilder:
-    """The MailBuilder that hands a batch's mails to a WorkerPool: those without
-    attachments are built there, the others rendered there and given their files in this
-    process, just before they are sent."""
+    """The MailBuilder that hands a batch's mails to a WorkerPool: built there, or, past a
+    chunk's room for attachments, rendered there and given their files in this process
+    just before they are sent."""
 
     def __init__(self, pool: WorkerPool, inline: InlineBuilder) -> None:
         self.pool = pool
@@ -205,4 +208,10 @@ def _ready() -> bool:
 
 def _build_chunk(ns: Sequence[Notification]) -> list[Outcome | Rendered]:
     assert _factory is not None, "worker not initialized"
-    return [_factory.build_ahead(n) for n in ns]
+    room = AHEAD_ATTACHMENT_BYTES
+    outcomes: list[Outcome | Rendered] = []
+    for n in ns:
+        outcome, used = _factory.build_ahead(n, room)
+        room -= used
+        outcomes.append(outcome)
+    return outcomes
