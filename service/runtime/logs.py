@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -100,10 +101,9 @@ def _flush_then_end(signum: int, frame: object) -> None:
 def configure_logging(level: str) -> None:
     """Send every logger's records to stderr as JSON lines at `level`."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        try:
+        # ValueError off the main thread: a test, not the service.
+        with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, _flush_then_end)
-        except ValueError:  # not the main thread: a test, not the service
-            pass
     handler = TurnHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
