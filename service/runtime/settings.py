@@ -30,9 +30,12 @@ def default_templates_dir() -> Path:
 
 
 def default_render_workers() -> int:
-    """One process per CPU beside the event loop's, at most 4; none on a single CPU."""
+    """One process per CPU beside the event loop's, at least 2 and at most 4; none on a
+    single CPU. Two on two CPUs: a batch's chunks are built side by side, which at
+    moderate load halves the wait for its last mails (benchmarks/README.md)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(4, max(0, (cpus or 1) - 1))
+    cpus = cpus or 1
+    return 0 if cpus < 2 else min(4, max(2, cpus - 1))
 
 
 class Settings(BaseSettings):
