@@ -236,9 +236,15 @@ async def _ledger_cost(path: Path, notes: list[Notification], events: int) -> fl
 
 class _NullMailer:
     async def send(
-        self, sender: str, recipient: str, message: bytes, may_finish: Any = None
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Any = None,
+        ready: Any = None,
     ) -> None:
-        return None
+        if ready is not None:
+            await ready()
 
 
 class _NullDeadLetters:

@@ -42,8 +42,15 @@ class FakeMailer:
         self.always_transient = False
 
     async def send(
-        self, sender: str, recipient: str, message: bytes, may_finish: Any = None
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Any = None,
+        ready: Any = None,
     ) -> None:
+        if ready is not None:  # as the pool does, with a connection in hand
+            await ready()
         await asyncio.sleep(0)
         if recipient in self.permanent:
             raise PermanentSmtpError(550, "no such user")

@@ -179,10 +179,17 @@ class StallingMailer(FakeMailer):
         self.withheld = 0
 
     async def send(
-        self, sender: str, recipient: str, message: bytes, may_finish: Any = None
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Any = None,
+        ready: Any = None,
     ) -> None:
         from service.delivery.smtp_wire import Withheld
 
+        if ready is not None:
+            await ready()
         if self.stall:
             await asyncio.sleep(self.stall)
             self.stall = 0
@@ -230,12 +237,66 @@ async def test_a_send_that_outlives_its_lease_is_renewed_when_nobody_took_over(
         await r.close()
 
 
+class QueueingMailer(FakeMailer):
+    """Waits `queue` seconds for a connection, then (with it in hand, after `ready`) takes
+    `reply` seconds for the server to answer the end of DATA, like a busy pool and a slow
+    server; `during` runs while the server holds the mail."""
+
+    def __init__(self, queue: float, reply: float, during: Any) -> None:
+        super().__init__()
+        self.queue, self.reply, self.during = queue, reply, during
+        self.seen: list[str] = []
+
+    async def send(
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Any = None,
+        ready: Any = None,
+    ) -> None:
+        await asyncio.sleep(self.queue)
+        if ready is not None:
+            await ready()
+        assert may_finish is None or may_finish()
+        answer = asyncio.create_task(asyncio.sleep(self.reply))
+        self.seen.append(await self.during())
+        await answer
+        await super().send(sender, recipient, message)
+
+
+async def test_the_lease_is_renewed_with_a_connection_in_hand(tmp_path: Path) -> None:
+    # A mail that waited most of its lease for a connection: had the lease been taken
+    # before that wait, it would end while the server holds the mail, and another instance
+    # could claim and send it again. Renewed with the connection in hand, it still runs.
+    r = await rig_with(tmp_path, lease_seconds=1.0, retry_initial=0.05, retry_max=0.1)
+    key = Key("5001", "customer_content", CUSTOMER)
+
+    async def another_instance_claims() -> str:
+        await asyncio.sleep(0.3)  # 1.1 s after the batch's claim: its first lease is over
+        claims = await r.ledger.claim([ClaimRequest(key, "1042")], "other", 30.0, 0)
+        return str(claims[key])
+
+    r.dispatcher._sender._mailer = r.mailer = QueueingMailer(0.8, 0.5, another_instance_claims)  # type: ignore[assignment]
+    try:
+        await r.dispatcher.handle_batch([record(event_bytes(activity()))])
+        assert r.mailer.seen == ["held"]
+        assert [to for to, _ in r.mailer.accepted] == [CUSTOMER]
+    finally:
+        await r.close()
+
+
 class SlowMailer(FakeMailer):
     async def send(
-        self, sender: str, recipient: str, message: bytes, may_finish: Any = None
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        may_finish: Any = None,
+        ready: Any = None,
     ) -> None:
         await asyncio.sleep(0.05)
-        await super().send(sender, recipient, message)
+        await super().send(sender, recipient, message, may_finish, ready)
 
 
 async def test_two_instances_serving_the_same_records_send_each_mail_once(

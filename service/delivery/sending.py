@@ -2,17 +2,19 @@
 
 A notification is sent only under this instance's claim in the shared ledger. The claim
 has a lease; the local clock says when it ends, measured from before the claim was asked
-for, so it never ends later here than in the database. The last thing before the server
-takes the mail (the end of DATA) is a look at that clock: an instance that stalled past
-its lease (a GC pause, a frozen VM, SIGSTOP) and wakes mid-send drops the mail unfinished,
-since another instance may have taken the notification over meanwhile.
+for, so it never ends later here than in the database. The lease is renewed (once half of
+it is gone) with an SMTP connection in hand, right before the transaction, so the
+transaction (bounded by the SMTP timeout, at most half the lease) and the record after it
+end within it, however long the mail waited for a connection. The last thing before the
+server takes the mail (the end of DATA) is a look at that clock: an instance that stalled
+past its lease (a GC pause, a frozen VM, SIGSTOP) and wakes mid-send drops the mail
+unfinished, since another instance may have taken the notification over meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.core.backoff import backoff_delay
@@ -125,15 +127,23 @@ class Sender:
     ) -> Failure | None:
         key = key_of(n)
         attempt = 0
+        lease_end = [0.0]
+
+        async def ready() -> None:
+            # With a connection in hand, so that waiting for one does not eat the lease:
+            # at least half of it is left for the transaction (bounded by the SMTP
+            # timeout, at most half the lease) and for recording the mail afterwards.
+            lease_end[0] = await self._lease(n, ids, batch)
+
         with self._metrics.in_flight():
             while True:
-                lease_end = await self._lease(n, ids, batch)
                 try:
                     await self._mailer.send(
                         self._config.envelope_from,
                         n.recipient.email,
                         data,
-                        may_finish=_until(lease_end),
+                        may_finish=lambda: time.monotonic() < lease_end[0],
+                        ready=ready,
                     )
                     break
                 except PermanentSmtpError as exc:
@@ -220,8 +230,3 @@ class Sender:
         except TimeoutError:
             return
         raise RetryLater
-
-
-def _until(end: float) -> Callable[[], bool]:
-    """The last check before the end of DATA: is the lease (local clock) still running?"""
-    return lambda: time.monotonic() < end

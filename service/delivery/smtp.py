@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -50,9 +50,12 @@ class Mailer(Protocol):
         recipient: str,
         message: bytes,
         may_finish: Callable[[], bool] | None = None,
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Return once the server accepted the message, or raise one of the errors above.
 
+        `ready`, if given, is awaited with a connection in hand, right before the
+        transaction starts (whatever it raises ends the send, nothing written).
         `may_finish`, if given, is asked right before the server would take the mail; when
         it says no, nothing is delivered and Withheld is raised.
         """
@@ -204,12 +207,19 @@ class SmtpPool:
         recipient: str,
         message: bytes,
         may_finish: Callable[[], bool] | None = None,
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         started = time.perf_counter()
         outcome = "error"
         try:
             async with self._lease() as holder:
                 connection = holder[0]
+                if ready is not None:
+                    try:
+                        await ready()
+                    except BaseException:
+                        outcome = "withheld"  # not this instance's to send now: none written
+                        raise
                 try:
                     await self._transact(connection, sender, recipient, message, may_finish)
                 except BaseException:
