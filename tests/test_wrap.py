@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from service.core.wrap import WIDTH, wrap_text
@@ -69,3 +69,41 @@ def test_property_wrapping_only_moves_line_breaks(text: str) -> None:
     kept = set(text.splitlines())
     for line in wrapped.splitlines():
         assert len(line) <= 20 or line in kept or len(line.lstrip(" >\t").split()) == 1
+
+
+WORDS = st.text(st.sampled_from(list("ab-.äé€😀/")), min_size=1, max_size=90)
+
+
+@given(
+    st.lists(WORDS, min_size=1, max_size=40),
+    st.integers(min_value=20, max_value=100),
+    st.sampled_from(["", "  ", "   "]),
+)
+@example(["a" * 9, "a" * 10, "b"], 20, "")  # a word ending exactly at the width
+@example(["a" * 9, "a" * 10, "b" * 30, "c"], 20, "  ")  # then one longer than a line
+def test_property_plain_lines_wrap_exactly_as_textwrap(
+    words: list[str], width: int, hang: str
+) -> None:
+    import textwrap
+
+    from service.core.wrap import _greedy, _plain
+
+    body = " ".join(words)
+    assert _plain(body)
+    assert _greedy(body, width, hang) == textwrap.wrap(
+        body,
+        width=width,
+        subsequent_indent=hang,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def test_other_blanks_take_textwrap_itself() -> None:
+    from service.core.wrap import _plain
+
+    assert not _plain("a  b")
+    assert not _plain(" a b")
+    assert not _plain("a b ")
+    assert not _plain("a\tb")
+    assert not _plain("a\u00a0b")  # textwrap does not break there; str.strip() drops it
