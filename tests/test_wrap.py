@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from service.core.wrap import WIDTH, wrap_text
+from service.core.wrap import _PREFIX, WIDTH, wrap_text
 
 LONG = "The technician comes on Monday between nine and twelve, please keep the way clear."
 
@@ -61,14 +61,24 @@ def test_a_line_of_only_blanks_stays() -> None:
 
 
 @given(st.text(alphabet=st.sampled_from("ab -\n>\t"), max_size=400))
+@example(">>>>>>>a>>>>>>>\t>>>>>")  # a continuation whose first word starts with ">"
+@example(">>>>>>>>>>>>>>>>>>a\t>")  # a quote prefix nearly as wide as the line
 def test_property_wrapping_only_moves_line_breaks(text: str) -> None:
     wrapped = wrap_text(text, width=20)
-    # Only blanks turn into line breaks: the words are the same, in the same order.
-    assert wrapped.split() == text.split()
-    # Every line is within the width unless it is one word (with its prefix), or was kept.
+    # Only blanks turn into line breaks, and quote markers are repeated on continuation
+    # lines: the words, quote markers aside, are the same and in the same order.
+    assert wrapped.replace(">", " ").split() == text.replace(">", " ").split()
+    # Every line is within the width after its prefix (at least 20 columns are left for
+    # text), unless it is one word (with its prefix), or was kept.
     kept = set(text.splitlines())
     for line in wrapped.splitlines():
-        assert len(line) <= 20 or line in kept or len(line.lstrip(" >\t").split()) == 1
+        head = _PREFIX.match(line)
+        prefix = head.group() if head else ""
+        assert (
+            len(line) <= max(20, len(prefix) + 20)
+            or line in kept
+            or len(line[len(prefix) :].split()) == 1
+        )
 
 
 WORDS = st.text(st.sampled_from(list("ab-.äé€😀/")), min_size=1, max_size=90)
