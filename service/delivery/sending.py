@@ -127,13 +127,14 @@ class Sender:
     ) -> Failure | None:
         key = key_of(n)
         attempt = 0
-        lease_end = [0.0]
+        lease_end = 0.0
 
         async def ready() -> None:
             # With a connection in hand, so that waiting for one does not eat the lease:
             # at least half of it is left for the transaction (bounded by the SMTP
             # timeout, at most half the lease) and for recording the mail afterwards.
-            lease_end[0] = await self._lease(n, ids, batch)
+            nonlocal lease_end
+            lease_end = await self._lease(n, ids, batch)
 
         with self._metrics.in_flight():
             while True:
@@ -142,7 +143,7 @@ class Sender:
                         self._config.envelope_from,
                         n.recipient.email,
                         data,
-                        may_finish=lambda: time.monotonic() < lease_end[0],
+                        may_finish=lambda: time.monotonic() < lease_end,
                         ready=ready,
                     )
                     break

@@ -63,15 +63,12 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or record.levelno >= logging.WARNING:
-            with self.lock:  # type: ignore[union-attr]
-                self._waiting.append(line)
-            self.flush()
-            return
         with self.lock:  # type: ignore[union-attr]
             self._waiting.append(line)
             first = len(self._waiting) == 1
-        if first:
+        if loop is None or record.levelno >= logging.WARNING:
+            self.flush()
+        elif first:
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
