@@ -18,7 +18,14 @@ import pytest
 
 from service.core.directory import Contact
 from service.core.routing import Kind, Notification
-from service.delivery.build import Built, InlineBuilder, MailSpec, NotBuilt, Rendered
+from service.delivery.build import (
+    Built,
+    InlineBuilder,
+    MailFactory,
+    MailSpec,
+    NotBuilt,
+    Rendered,
+)
 from service.delivery.workers import CHUNK_MAX, PooledBuilder, WorkerPool
 from service.runtime.settings import default_templates_dir
 
@@ -75,6 +82,19 @@ def test_chunks_share_the_work_and_stay_small(
         pool.close()
 
 
+def renders_of(factory: MailFactory) -> list[str]:
+    """The activity ids `factory` renders from now on (a spy on its `render`)."""
+    renders: list[str] = []
+    real = factory.render
+
+    def counting(n: Notification) -> Any:
+        renders.append(n.activity_id)
+        return real(n)
+
+    factory.render = counting  # type: ignore[method-assign]
+    return renders
+
+
 def pooled(store: Path, workers: int) -> PooledBuilder:
     return PooledBuilder(WorkerPool(spec(store), workers), InlineBuilder(spec(store).factory()))
 
@@ -91,14 +111,7 @@ async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) 
     ]
     local = [spec(tmp_path).factory().build(n) for n in ns]
     pool = pooled(tmp_path, 1)
-    renders: list[str] = []
-    real = pool.inline.factory.render
-
-    def counting(n: Notification) -> Any:
-        renders.append(n.activity_id)
-        return real(n)
-
-    pool.inline.factory.render = counting  # type: ignore[method-assign]
+    renders = renders_of(pool.inline.factory)
     await pool.start()
     try:
         # A worker builds every mail, files and all (within a chunk's room for them).
@@ -147,14 +160,7 @@ async def test_a_batch_finds_each_mail_by_key_and_content(tmp_path: Path) -> Non
     first = notification(1)
     edited = replace(first, activity_text="edited text")  # same key, other content
     pool = pooled(tmp_path, 1)
-    rendered_here: list[str] = []
-    real = pool.inline.factory.render
-
-    def counting(n: Notification) -> Any:
-        rendered_here.append(n.activity_id)
-        return real(n)
-
-    pool.inline.factory.render = counting  # type: ignore[method-assign]
+    rendered_here = renders_of(pool.inline.factory)
     await pool.start()
     try:
         batch = pool.batch([first, edited, notification(2)])
@@ -175,14 +181,7 @@ async def test_a_batch_finds_each_mail_by_key_and_content(tmp_path: Path) -> Non
 
 async def test_a_missing_attachment_is_retried_without_rendering_again(tmp_path: Path) -> None:
     builder = InlineBuilder(spec(tmp_path).factory())
-    renders: list[str] = []
-    real = builder.factory.render
-
-    def counting(n: Notification) -> Any:
-        renders.append(n.activity_id)
-        return real(n)
-
-    builder.factory.render = counting  # type: ignore[method-assign]
+    renders = renders_of(builder.factory)
     try:
         batch = builder.batch([])
         n = notification(7, "late.pdf")
