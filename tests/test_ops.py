@@ -336,7 +336,7 @@ def test_metrics_api_exports_every_documented_metric_with_bounded_labels() -> No
     with metrics.in_flight():
         pass
     metrics.pool_size.set(8)
-    metrics.connections(open_count=2, busy_count=1)
+    metrics.watch_connections(lambda: (2, 1))
 
     text = generate_latest(registry).decode()
     exported = {name for name, _, _ in samples(text)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,12 +20,14 @@ from service.delivery.smtp_wire import (
     END_OF_DATA,
     WRITE_CHUNK,
     ConnectionLost,
+    Payload,
     SmtpReplyError,
     TransactionProtocol,
     Withheld,
     dot_stuff,
     envelope_address,
     send_transaction,
+    undo_dot_stuff,
 )
 
 
@@ -51,6 +54,18 @@ def test_bare_line_ends_are_normalised_so_nothing_is_smuggled() -> None:
     payload = data(b"a\n.\nMAIL FROM:<x@y>\rb")
     assert payload == b"a\r\n..\r\nMAIL FROM:<x@y>\r\nb\r\n.\r\n"
     assert b"\r\n.\r\n" not in payload[:-5]
+
+
+@given(st.binary(max_size=300))
+def test_a_payload_is_stuffed_once_and_undone_exactly(message: bytes) -> None:
+    payload = dot_stuff(message)
+    assert dot_stuff(payload) is payload  # a worker stuffed it: the event loop does not again
+    restored = pickle.loads(pickle.dumps(payload))  # as a render worker hands it over
+    assert type(restored) is Payload
+    assert restored == payload
+    assert dot_stuff(undo_dot_stuff(payload)) == payload
+    if b"\r" not in message.replace(b"\r\n", b"") and b"\n" not in message.replace(b"\r\n", b""):
+        assert undo_dot_stuff(payload) == message + (b"" if message.endswith(b"\r\n") else b"\r\n")
 
 
 @given(st.binary(max_size=300))
@@ -196,6 +211,7 @@ async def test_plain_aiosmtplib_sends_when_pipelining_is_off(any_server: SmtpRec
     pool = SmtpPool(config)
     body = b"Subject: plain\r\n\r\n.dot\r\n"
     await pool.send("a@x.test", "b@y.test", body)
+    await pool.send("a@x.test", "b@y.test", dot_stuff(body))  # as a worker built it
     any_server.fail_rcpt("gone@y.test", code=550)
     with pytest.raises(PermanentSmtpError) as caught:
         await pool.send("a@x.test", "gone@y.test", body)
@@ -203,7 +219,7 @@ async def test_plain_aiosmtplib_sends_when_pipelining_is_off(any_server: SmtpRec
     with pytest.raises(Withheld):
         await pool.send("a@x.test", "c@y.test", body, may_finish=lambda: False)
     await pool.close()
-    assert [m.data for m in any_server.messages] == [body]
+    assert [m.data for m in any_server.messages] == [body, body]
 
 
 async def test_garbage_or_a_hang_up_is_connection_lost() -> None:
@@ -246,7 +262,7 @@ async def test_lines_starting_with_a_dot_arrive_intact(any_server: SmtpRecorder)
     smtp_server.fail_rcpt("gone@y.test", code=550)
     with pytest.raises(PermanentSmtpError):
         await pool.send("a@x.test", "gone@y.test", body)
-    await pool.send("a@x.test", "c@y.test", body)
+    await pool.send("a@x.test", "c@y.test", dot_stuff(body))  # as a worker built it
     assert pool._idle[0].pipelining is isinstance(smtp_server, PipeliningRecorder)
     await pool.close()
     assert [m.data for m in smtp_server.messages] == [body, body]

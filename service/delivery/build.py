@@ -39,13 +39,15 @@ from service.delivery.attachments import (
     AttachmentStore,
     DirectoryAttachmentStore,
 )
+from service.delivery.smtp_wire import Payload, dot_stuff
 
 
 @dataclass(frozen=True, slots=True)
 class Built:
     """The message, and how long its templates took to render."""
 
-    data: bytes
+    data: Payload
+    """On the wire's terms already (dot-stuffed), so a worker does it, not the event loop."""
     render_seconds: float
 
 
@@ -163,7 +165,7 @@ class MailFactory:
             )
         except AddressError as exc:
             return NotBuilt(Failure.of(Stage.ADDRESS, str(exc)))
-        return Built(data, render_seconds)
+        return Built(dot_stuff(data), render_seconds)
 
 
 def _not_attached(

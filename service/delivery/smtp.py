@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -15,11 +15,13 @@ from aiosmtplib import SMTPStatus
 
 from service.core.text import one_line
 from service.delivery.smtp_wire import (
+    Payload,
     SmtpReplyError,
     TransactionProtocol,
     Withheld,
     dot_stuff,
     send_transaction,
+    undo_dot_stuff,
 )
 
 Security = Literal["none", "starttls", "tls"]
@@ -96,13 +98,16 @@ class _Connection:
 class PoolObserver(Protocol):
     """Receives pool events for metrics; the pool itself stays free of Prometheus."""
 
-    def connections(self, open_count: int, busy_count: int) -> None: ...
+    def watch_connections(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """`counts()` gives the open and busy connections whenever metrics are read (a
+        gauge set on every send cost more than the send's own bookkeeping)."""
+        ...
 
     def send_finished(self, seconds: float, outcome: str) -> None: ...
 
 
 class _NoObserver:
-    def connections(self, open_count: int, busy_count: int) -> None:
+    def watch_connections(self, counts: Callable[[], tuple[int, int]]) -> None:
         pass
 
     def send_finished(self, seconds: float, outcome: str) -> None:
@@ -125,6 +130,7 @@ class SmtpPool:
         self._open = 0
         self._busy = 0
         self._closed = False
+        self._observer.watch_connections(lambda: (self._open, self._busy))
 
     def _client(self) -> aiosmtplib.SMTP:
         config = self._config
@@ -167,31 +173,27 @@ class SmtpPool:
         protocol.adopt(client.transport)
         return _Connection(client, protocol, pipelining)
 
-    def _report(self) -> None:
-        self._observer.connections(self._open, self._busy)
-
-    @contextlib.asynccontextmanager
-    async def _lease(self) -> AsyncIterator[list[_Connection]]:
+    async def _take(self) -> _Connection:
+        """An idle connection, or a new one, under one of the pool's slots."""
         await self._slots.acquire()
         self._busy += 1
-        holder: list[_Connection] = []
         try:
-            while self._idle and not holder:
+            while self._idle:
                 idle = self._idle.pop()
-                if idle.closed:  # the server hung up while it sat idle
-                    self._drop(idle)
-                else:
-                    holder.append(idle)
-            if not holder:
-                holder.append(await self._connect())
-            self._report()
-            yield holder
-        finally:
-            self._busy -= 1
-            if holder and not self._closed:
-                self._idle.append(holder[0])
-            self._slots.release()
-            self._report()
+                if not idle.closed:
+                    return idle
+                self._drop(idle)  # the server hung up while it sat idle
+            return await self._connect()
+        except BaseException:
+            self._give_back(None)
+            raise
+
+    def _give_back(self, connection: _Connection | None) -> None:
+        """The slot, and the connection unless it was dropped (None)."""
+        self._busy -= 1
+        if connection is not None and not self._closed:
+            self._idle.append(connection)
+        self._slots.release()
 
     def _drop(self, connection: _Connection) -> None:
         self._open -= 1
@@ -212,8 +214,9 @@ class SmtpPool:
         started = time.perf_counter()
         outcome = "error"
         try:
-            async with self._lease() as holder:
-                connection = holder[0]
+            connection = await self._take()
+            keep: _Connection | None = connection
+            try:
                 if ready is not None:
                     try:
                         await ready()
@@ -224,9 +227,11 @@ class SmtpPool:
                     await self._transact(connection, sender, recipient, message, may_finish)
                 except BaseException:
                     # Mid-pipeline after a refusal, or broken: start afresh next time.
-                    holder.clear()
                     self._drop(connection)
+                    keep = None
                     raise
+            finally:
+                self._give_back(keep)
             outcome = "accepted"
         except PermanentSmtpError:
             outcome = "permanent"
@@ -296,7 +301,6 @@ class SmtpPool:
         idle, self._idle = self._idle, []
         for connection in idle:
             self._drop(connection)
-        self._report()
 
 
 async def _plain_transaction(
@@ -313,6 +317,8 @@ async def _plain_transaction(
     """
     if may_finish is not None and not may_finish():
         raise Withheld
+    if isinstance(message, Payload):
+        message = undo_dot_stuff(message)  # aiosmtplib stuffs it again
     errors, _ = await client.sendmail(sender, [recipient], message)
     if recipient in errors:
         code, text = errors[recipient]

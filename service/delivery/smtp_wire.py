@@ -154,11 +154,28 @@ class TransactionProtocol(asyncio.Protocol):
         self._fail(ConnectionLost("aborted"))
 
 
-def dot_stuff(message: bytes) -> bytes:
+class Payload(bytes):
+    """A DATA payload on the wire's terms, as `dot_stuff` returns it: CRLF line ends,
+    leading dots doubled, a CRLF at its end.
+
+    `dot_stuff` passes one through unchanged, so the work is done once, where the mail is
+    built (a render worker), rather than on the event loop that sends it.
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[type[Payload], tuple[bytes]]:
+        # As plain bytes: a few times cheaper to pickle than a subclass's default.
+        return (Payload, (bytes(self),))
+
+
+def dot_stuff(message: bytes) -> Payload:
     """The DATA payload without its end: CRLF line ends, leading dots doubled (§4.5.2).
 
     The caller writes END_OF_DATA (".\\r\\n") after it.
     """
+    if type(message) is Payload:
+        return message
     # A bare CR or LF could smuggle a second message past some servers: normalise them.
     # (Counting allocates nothing; our MIME builder writes CRLF only, so this rarely fires.)
     pairs = message.count(b"\r\n")
@@ -168,7 +185,15 @@ def dot_stuff(message: bytes) -> bytes:
         message += b"\r\n"
     if message.startswith(b"."):
         message = b"." + message
-    return message.replace(b"\r\n.", b"\r\n..")
+    return Payload(message.replace(b"\r\n.", b"\r\n.."))
+
+
+def undo_dot_stuff(payload: Payload) -> bytes:
+    """The message back from its payload (for a client that stuffs on its own)."""
+    message = bytes(payload)
+    if message.startswith(b".."):
+        message = message[1:]
+    return message.replace(b"\r\n..", b"\r\n.")
 
 
 def envelope_address(address: str) -> bytes:

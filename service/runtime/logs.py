@@ -37,7 +37,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             # The exception type only: messages of third-party exceptions may quote input.
             line["exc_type"] = record.exc_info[0].__name__
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return _ENCODER.encode(line)
+
+
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -101,6 +105,12 @@ def configure_logging(level: str) -> None:
         # ValueError off the main thread: a test, not the service.
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, _flush_then_end)
+    # What a line never shows, not looked up for every record (the logging docs'
+    # "Optimization"): the caller's file and line, thread, process and process name.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = TurnHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -264,9 +264,9 @@ class Metrics:
         _child(self._audit_denied, (endpoint, reason), self.audit_denied).inc()
 
     # PoolObserver of service.delivery.smtp
-    def connections(self, open_count: int, busy_count: int) -> None:
-        self._open.set(open_count)
-        self._busy.set(busy_count)
+    def watch_connections(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._open.set_function(lambda: counts()[0])
+        self._busy.set_function(lambda: counts()[1])
 
     def send_finished(self, seconds: float, outcome: str) -> None:
         _child(self._smtp, outcome, self.smtp_send_seconds).observe(seconds)
