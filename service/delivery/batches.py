@@ -50,8 +50,10 @@ class BatchOpener:
         # and a mail whose claim is lost is dropped unsent with the batch.
         mails = self._builder.batch(unsent)
         try:
-            claims, claimed_at = await self._claim(live, sent)
-            await self._record_tickets(live)
+            # Ticket references (for the audit) go in beside the claims, not after them.
+            (claims, claimed_at), _ = await asyncio.gather(
+                self._claim(live, sent), self._record_tickets(live)
+            )
         except BaseException:
             await mails.close()
             raise
