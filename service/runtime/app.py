@@ -74,7 +74,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         owner=delivery.owner,
         lease_seconds=delivery.lease_seconds,
     )
-    consumer = BatchConsumer(dispatcher, metrics)
+    consumer = BatchConsumer(dispatcher, metrics, settings.batch_max_records)
     subscriber = broker.subscriber(
         settings.topic,
         group_id=settings.group_id,
