@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -59,10 +60,17 @@ def record_of(raw: ConsumerRecord[Any, Any]) -> Record:
 class BatchConsumer:
     """Serves each batch through the dispatcher, then commits it or rewinds it."""
 
-    def __init__(self, dispatcher: Dispatcher, metrics: Metrics, max_records: int) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        max_records: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._max_records = max_records
+        self._clock = clock
         self._subscriber: BatchSubscriber | None = None
         # When the previous batch's handling began and ended (monotonic).
         self._began = self._ended = 0.0
@@ -93,12 +101,12 @@ class BatchConsumer:
     async def handle(self, message: KafkaMessage) -> None:
         """Serve one batch; commit it only when every record is done."""
         raw: list[ConsumerRecord[Any, Any]] = list(message.raw_message)
-        began = time.monotonic()
+        began = self._clock()
         try:
             raw += await self._catch_up(began, len(raw))
             await self._serve([record_of(r) for r in raw])
         finally:
-            self._began, self._ended = began, time.monotonic()
+            self._began, self._ended = began, self._clock()
 
     async def _catch_up(self, began: float, taken: int) -> list[ConsumerRecord[Any, Any]]:
         """What arrived while the batch waited in the fetch buffer, if it did (see above).
