@@ -23,7 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    ConsumerStoppedError,
+    IllegalStateError,
+    KafkaError,
+)
 from faststream.kafka.message import FAKE_CONSUMER, KafkaMessage
 from faststream.kafka.subscriber.usecase import BatchSubscriber
 
@@ -122,7 +127,7 @@ class BatchConsumer:
             return []
         try:
             more = await consumer.getmany(timeout_ms=CATCH_UP_MS, max_records=room)
-        except (KafkaError, IllegalStateError) as exc:
+        except (KafkaError, IllegalStateError, ConsumerStoppedError) as exc:
             # aiokafka raises only when it handed out no record: the batch goes as it is.
             log.warning("catch-up fetch failed", extra={"error": type(exc).__name__})
             return []
