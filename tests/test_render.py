@@ -219,6 +219,20 @@ def test_subject_is_never_evaluated(renderer: Renderer) -> None:
     assert mail.subject == "[T-1042] {{ 7*7 }} <b>"
 
 
+def test_templates_see_jinjas_globals(tmp_path: Path) -> None:
+    # The renderer hands each template its globals as a plain dict (a cheaper copy per
+    # render than Jinja's ChainMap): a custom template may still use every one of them.
+    root = _copy_templates(tmp_path)
+    (root / "en" / "staff.txt").write_text(
+        "{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}"
+        "{% endfor %}{{ ns.n }} {{ dict(a=1)['a'] }} {{ cycler('x', 'y').next() }}"
+        " {{ joiner(',')() }}[{{ lipsum(1, False, 5, 10) | length > 0 }}]\n",
+        encoding="utf-8",
+    )
+    mail = Renderer(root).render(make_notification(Kind.STAFF, locale="en"))
+    assert mail.text.startswith("3 1 x [True]")
+
+
 def test_undefined_variables_are_errors(tmp_path: Path) -> None:
     root = _copy_templates(tmp_path)
     (root / "en" / "staff.txt").write_text("{{ no_such_variable }}\n", encoding="utf-8")
