@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,19 @@ def test_preview_prints_to_stdout_and_reports_invalid_events(tmp_path: Path) -> 
     )
     assert result.returncode == 1
     assert "invalid event (cloudevent)" in result.stderr
+
+
+def test_run_settles_the_heap_before_serving() -> None:
+    # In a child: freezing the collector would outlast the test in this process.
+    code = (
+        "import gc\n"
+        "from service.runtime.app import GC_YOUNG_THRESHOLD, settle_heap\n"
+        "before = gc.get_freeze_count()\n"
+        "settle_heap()\n"
+        "assert gc.get_freeze_count() > before > -1\n"
+        "assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD > 700\n"
+        "print('settled')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "settled\n"

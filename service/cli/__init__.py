@@ -15,7 +15,7 @@ from service.runtime.settings import SettingsError, settings_or_exit
 def cmd_run(args: argparse.Namespace) -> int:
     # Settings first: a bad one stops start-up before the whole service is imported.
     settings = settings_or_exit()
-    from service.runtime.app import create_app
+    from service.runtime.app import create_app, settle_heap
     from service.runtime.logs import configure_logging
 
     configure_logging(settings.log_level)
@@ -28,6 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if failed := check_ledger(settings):  # a bad ledger URL, password or schema: one line
         return failed
+    settle_heap()
     with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
         runner.run(
             app.run(
