@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -88,9 +89,10 @@ class Reminding:
         if not items:
             return plan
         activities = sorted({i.event.data.activity.id for i in items})
-        stored: dict[tuple[str, str], ReminderRow] = {
-            (r.activity_id, r.kind): r for r in await self._ledger.reminders_of(activities)
-        }
+        # Activity → kind → its stored reminder (this batch's changes included).
+        stored: dict[str, dict[str, ReminderRow]] = defaultdict(dict)
+        for r in await self._ledger.reminders_of(activities):
+            stored[r.activity_id][r.kind] = r
         clock = dt.datetime.fromtimestamp(now, dt.UTC)
         for item in sorted(items, key=lambda i: i.index):
             activity = item.event.data.activity
@@ -106,16 +108,21 @@ class Reminding:
                     },
                 )
             version = item.event.time or dt.datetime.fromtimestamp(item.written or now, dt.UTC)
-            current = [_reminder(r) for (a, _), r in stored.items() if a == activity.id]
+            current = [_reminder(r) for r in stored[activity.id].values()]
             changes = plan_reminders(
                 current, due.moments, version=version, now=clock, max_late=self._config.max_late
             )
-            payload = item.event.model_dump_json(by_alias=True)
+            # The event as stored with its reminders: written only when one is stored.
+            payload = (
+                item.event.model_dump_json(by_alias=True)
+                if any(change.store for change in changes)
+                else ""
+            )
             for change in changes:
                 self._count(change)
                 if change.store:
                     row = _row(change.reminder, activity.id, activity.ticket_id, payload)
-                    stored[(activity.id, change.kind.value)] = plan.rows[
+                    stored[activity.id][change.kind.value] = plan.rows[
                         (activity.id, change.kind.value)
                     ] = row
                 if change.action is Action.EXPIRE:
