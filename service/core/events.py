@@ -286,7 +286,7 @@ def _decode(value: bytes | None, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidEvent("decode", f"not UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InvalidEvent(
             "decode", f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -297,6 +297,10 @@ def _decode(value: bytes | None, max_bytes: int) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every event: json.loads with an option builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _header_attributes(headers: Mapping[str, bytes | str]) -> dict[str, str]:
