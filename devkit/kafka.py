@@ -152,6 +152,9 @@ class KafkaNode:
             "auto.create.topics.enable": "true",
             # Defaults tuned for clusters: 3 s join delay and 50 offsets partitions slow every test.
             "group.initial.rebalance.delay.ms": "0",
+            # The group coordinator (Kafka 4) holds each offsets write up to 5 ms to batch it
+            # with others; with one consumer group that only adds 5 ms to every commit.
+            "group.coordinator.append.linger.ms": "0",
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "1",
             "transaction.state.log.replication.factor": "1",
