@@ -198,9 +198,7 @@ def _metrics_cost(count: int) -> float:
         for _ in range(count):
             metrics.rendered(0.001)
             with metrics.in_flight():
-                metrics.connections(8, 3)
                 metrics.send_finished(0.001, "accepted")
-                metrics.connections(8, 2)
             metrics.notification("staff", "sent")
             metrics.delivered(when)
             metrics.event("ticketActivity.created", "processed")
