@@ -1,4 +1,5 @@
-"""The batch handler's catch-up poll: when it asks, what it serves, what it commits or rewinds.
+"""The batch handler's catch-up poll and its commits: when it asks, what it serves, what it
+commits (and when) or rewinds.
 
 The consumer here is a stand-in with aiokafka's method names, so that the timing (a clock
 the test steps) is exact; the real broker's behaviour behind the catch-up is measured in
@@ -7,6 +8,7 @@ benchmarks/README.md, and the fault and pipeline suites run this handler on a re
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
@@ -36,6 +38,7 @@ class FakeConsumer:
         self.waiting: list[ConsumerRecord[bytes, bytes]] = []
         self.polls: list[tuple[int, int]] = []
         self.commits = 0
+        self.committed: list[dict[int, int]] = []  # partition → next offset, per commit
         self.seeks: dict[TopicPartition, int] = {}
         self.fail_poll = False
 
@@ -49,8 +52,10 @@ class FakeConsumer:
             out.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
         return out
 
-    async def commit(self) -> None:
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert set(offsets) <= self.owned  # aiokafka refuses a partition it does not own
         self.commits += 1
+        self.committed.append({tp.partition: offset for tp, offset in offsets.items()})
 
     def assignment(self) -> set[TopicPartition]:
         return self.owned
@@ -63,11 +68,18 @@ class FakeDispatcher:
     def __init__(self) -> None:
         self.batches: list[list[tuple[int, int]]] = []
         self.fail = False
+        self.stopping = False
 
     async def handle_batch(self, records: Sequence[Record]) -> None:
         self.batches.append([(r.partition, r.offset) for r in records])
         if self.fail:
             raise RetryLater
+
+    def revoke(self, partitions: set[tuple[str, int]]) -> None:
+        pass
+
+    async def quiesce(self, partitions: set[tuple[str, int]]) -> None:
+        pass
 
 
 class Clock:
@@ -86,11 +98,36 @@ class Clock:
 @pytest.fixture
 def parts() -> tuple[BatchConsumer, FakeConsumer, FakeDispatcher, Clock]:
     kafka, dispatcher, clock = FakeConsumer([0, 1]), FakeDispatcher(), Clock()
+    # Every finished batch committed at once: the catch-up tests count one commit per batch.
     handler = BatchConsumer(
-        cast(Dispatcher, dispatcher), Metrics(CollectorRegistry()), 10, clock=clock
+        cast(Dispatcher, dispatcher),
+        Metrics(CollectorRegistry()),
+        10,
+        clock=clock,
+        commit_interval=0,
     )
     handler.attach(cast(Any, SimpleNamespace(consumer=kafka)))
     return handler, kafka, dispatcher, clock
+
+
+INTERVAL = 0.05
+
+
+@pytest.fixture
+def spaced() -> tuple[BatchConsumer, FakeConsumer, FakeDispatcher]:
+    """A handler that commits at most every INTERVAL seconds, on a loop that runs no catch-up
+    (every batch looks fresh to it)."""
+    kafka, dispatcher = FakeConsumer([0, 1]), FakeDispatcher()
+    ticks = iter(range(10**6))
+    handler = BatchConsumer(
+        cast(Dispatcher, dispatcher),
+        Metrics(CollectorRegistry()),
+        10,
+        clock=lambda: float(next(ticks)),  # a second between readings: never buffered
+        commit_interval=INTERVAL,
+    )
+    handler.attach(cast(Any, SimpleNamespace(consumer=kafka)))
+    return handler, kafka, dispatcher
 
 
 def batch(*records: ConsumerRecord[bytes, bytes]) -> Any:
@@ -167,3 +204,65 @@ async def test_a_failed_batch_rewinds_what_the_catch_up_took_too(
     # Partition 1 came only through the catch-up: it is read again from there.
     assert kafka.seeks == {TopicPartition(TOPIC, 0): 1, TopicPartition(TOPIC, 1): 7}
     assert kafka.commits == 1
+
+
+async def test_batches_within_the_interval_are_committed_together_by_the_timer(
+    spaced: tuple[BatchConsumer, FakeConsumer, FakeDispatcher],
+) -> None:
+    handler, kafka, _ = spaced
+    await handler.handle(batch(raw(0, 0), raw(1, 4)))
+    assert kafka.committed == [{0: 1, 1: 5}]  # the first commit goes at once
+    await handler.handle(batch(raw(0, 1)))
+    await handler.handle(batch(raw(0, 2), raw(0, 3)))
+    assert kafka.commits == 1  # finished, waiting for the interval
+    await asyncio.sleep(INTERVAL * 3)
+    assert kafka.committed == [{0: 1, 1: 5}, {0: 4}]  # one commit carries both batches
+
+
+async def test_a_commit_holds_finished_batches_only_never_a_rewound_one(
+    spaced: tuple[BatchConsumer, FakeConsumer, FakeDispatcher],
+) -> None:
+    handler, kafka, dispatcher = spaced
+    await handler.handle(batch(raw(0, 0)))
+    await handler.handle(batch(raw(0, 1), raw(1, 7)))  # finished, waits for the timer
+    dispatcher.fail = True
+    await handler.handle(batch(raw(0, 2), raw(1, 8)))  # rewound: read again from there
+    assert kafka.seeks == {TopicPartition(TOPIC, 0): 2, TopicPartition(TOPIC, 1): 8}
+    await asyncio.sleep(INTERVAL * 3)
+    assert kafka.committed == [{0: 1}, {0: 2, 1: 8}]
+
+
+async def test_the_offsets_of_a_lost_partition_are_not_committed(
+    spaced: tuple[BatchConsumer, FakeConsumer, FakeDispatcher],
+) -> None:
+    handler, kafka, _ = spaced
+    await handler.handle(batch(raw(0, 0)))
+    await handler.handle(batch(raw(0, 1), raw(1, 7)))
+    lost = {TopicPartition(TOPIC, 1)}
+    await handler.listener.on_partitions_revoked(lost)
+    await asyncio.sleep(INTERVAL * 3)
+    assert kafka.committed == [{0: 1}, {0: 2}]  # the new owner reads 1:7 again
+
+
+async def test_a_partition_lost_without_a_revocation_is_left_out_of_the_commit(
+    spaced: tuple[BatchConsumer, FakeConsumer, FakeDispatcher],
+) -> None:
+    handler, kafka, _ = spaced
+    await handler.handle(batch(raw(0, 0)))
+    await handler.handle(batch(raw(0, 1), raw(1, 7)))
+    kafka.owned = {TopicPartition(TOPIC, 0)}
+    await asyncio.sleep(INTERVAL * 3)
+    assert kafka.committed == [{0: 1}, {0: 2}]
+
+
+async def test_on_shutdown_a_finished_batch_is_committed_at_once(
+    spaced: tuple[BatchConsumer, FakeConsumer, FakeDispatcher],
+) -> None:
+    handler, kafka, dispatcher = spaced
+    await handler.handle(batch(raw(0, 0)))
+    await handler.handle(batch(raw(0, 1)))
+    dispatcher.stopping = True
+    await handler.handle(batch(raw(0, 2)))
+    assert kafka.committed == [{0: 1}, {0: 3}]
+    await handler.flush()  # what stop_consuming calls: nothing is left to commit
+    assert kafka.commits == 2

@@ -78,6 +78,11 @@ class Dispatcher:
         """Abandon retries at once: unfinished records stay uncommitted and come back."""
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        """Shutting down: what is finished is committed at once."""
+        return self._stopping.is_set()
+
     def revoke(self, partitions: set[TopicPartition]) -> None:
         """These partitions moved away: take no new record of them (in a running batch too)."""
         self._revocations.update(partitions)

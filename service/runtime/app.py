@@ -93,7 +93,12 @@ def create_app(settings: Settings) -> AsgiFastStream:
         owner=delivery.owner,
         lease_seconds=delivery.lease_seconds,
     )
-    consumer = BatchConsumer(dispatcher, metrics, settings.batch_max_records)
+    consumer = BatchConsumer(
+        dispatcher,
+        metrics,
+        settings.batch_max_records,
+        commit_interval=settings.commit_interval_ms / 1000,
+    )
     subscriber = broker.subscriber(
         settings.topic,
         group_id=settings.group_id,
@@ -154,6 +159,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
 
     async def stop_consuming() -> None:
         dispatcher.stop()
+        await consumer.flush()
         await scheduler.stop(settings.graceful_timeout_seconds)
 
     async def stop() -> None:

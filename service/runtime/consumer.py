@@ -8,6 +8,13 @@ things it cannot do are done here, on the subscriber's public `consumer` (aiokaf
   on a partition this instance no longer owns after a rebalance. We seek only owned ones.
 - Survive a commit that races a rebalance: the records come back to whoever owns them now,
   and the ledger keeps them from being sent twice.
+- Commit at most every `commit_interval` seconds: a finished batch's offsets are committed
+  at once when the last commit is that old, otherwise they wait (at most that long) for the
+  next batch's commit or for a timer. A commit is a broker round trip on every batch's path
+  (7 ms on Kafka 4 with its default coordinator linger), while what waits is only offsets
+  of records already done: a crash or a rebalance reads them again and the ledger skips
+  them. The offsets are those of finished batches, never the consumer's position, since
+  the next batch may already be fetched when the timer fires.
 - Catch up before serving: aiokafka fetches a partition again only once its buffered records
   were taken, so under steady load a batch holds what arrived while the previous one was
   served, a whole batch's time late. A batch that was waiting in the buffer asks once more,
@@ -48,6 +55,7 @@ REWIND_PAUSE_SECONDS = 1.0
 BUFFERED_SECONDS = 0.003
 BUSY_SECONDS = 0.02
 CATCH_UP_MS = 10
+COMMIT_INTERVAL_SECONDS = 0.1
 
 
 def record_of(raw: ConsumerRecord[Any, Any]) -> Record:
@@ -71,14 +79,22 @@ class BatchConsumer:
         metrics: Metrics,
         max_records: int,
         clock: Callable[[], float] = time.monotonic,
+        commit_interval: float = COMMIT_INTERVAL_SECONDS,
     ) -> None:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._max_records = max_records
         self._clock = clock
+        self._commit_interval = commit_interval
         self._subscriber: BatchSubscriber | None = None
         # When the previous batch's handling began and ended (monotonic).
         self._began = self._ended = 0.0
+        # Next offset of each partition whose batches are all done, not yet committed.
+        self._done: dict[TopicPartition, int] = {}
+        self._committed_at = float("-inf")
+        self._commit_lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     def attach(self, subscriber: BatchSubscriber) -> None:
         """The FastStream subscriber whose batches this handles."""
@@ -160,21 +176,56 @@ class BatchConsumer:
             self._rewind(records)
             await asyncio.sleep(REWIND_PAUSE_SECONDS)
             return
-        await self._commit()
+        # Every record of the batch is done (sent and recorded, dead-lettered or skipped):
+        # only now may its offsets be committed.
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self._done[tp] = max(self._done.get(tp, 0), record.offset + 1)
+        due = self._committed_at + self._commit_interval - asyncio.get_running_loop().time()
+        if due <= 0 or self._dispatcher.stopping:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(due, self._flush_later)
 
-    async def _commit(self) -> None:
-        consumer = self.consumer
-        if consumer is None:
-            return
-        try:
-            # Commits the consumed position of every partition this instance owns now: a
-            # partition lost in a rebalance is not among them.
-            await consumer.commit()
-        except (CommitFailedError, IllegalStateError) as exc:
-            # The group rebalanced under us: the new owner reads these records again and
-            # the ledger skips what was sent.
-            self._metrics.rewind("rebalanced")
-            log.warning("commit refused after a rebalance", extra={"error": type(exc).__name__})
+    def _flush_later(self) -> None:
+        self._timer = None
+        task = asyncio.create_task(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Commit the offsets of every finished batch (of partitions this instance owns)."""
+        async with self._commit_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._committed_at = asyncio.get_running_loop().time()
+            consumer = self.consumer
+            if consumer is None or not self._done:
+                return
+            # Only partitions this instance owns now: one lost in a rebalance is not among them.
+            owned = consumer.assignment()
+            offsets = {tp: offset for tp, offset in self._done.items() if tp in owned}
+            self._done = {}
+            if not offsets:
+                return
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # The group rebalanced under us: the new owner reads these records again
+                # and the ledger skips what was sent.
+                self._metrics.rewind("rebalanced")
+                log.warning("commit refused after a rebalance", extra={"error": type(exc).__name__})
+            except KafkaError as exc:
+                # The broker is away: the records are read again after a restart or a
+                # rebalance, and the ledger skips them; the next commit carries later ones.
+                log.warning("commit failed", extra={"error": type(exc).__name__})
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """These partitions moved away: whoever owns them now commits them, and a commit of
+        ours must never move one of them back."""
+        for tp in partitions:
+            self._done.pop(tp, None)
 
     def _rewind(self, records: list[Record]) -> None:
         consumer = self.consumer
@@ -192,7 +243,7 @@ class BatchConsumer:
     @property
     def listener(self) -> ConsumerRebalanceListener:
         """For the subscriber: tells the dispatcher which partitions it loses."""
-        return _Rebalance(self._dispatcher)
+        return _Rebalance(self._dispatcher, self)
 
     async def measure_lag(self) -> None:
         """Records behind the end of each owned partition, from the last commit."""
@@ -221,16 +272,20 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     flight a moment to finish, so the next owner finds them recorded instead of claimed.
 
     aiokafka waits for this before the group rebalances; nothing is committed here (the
-    batch handler commits only whole batches, and never a partition it lost).
+    batch handler commits only whole batches, and never a partition it lost), and the
+    offsets of lost partitions that wait to be committed are dropped.
     """
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, consumer: BatchConsumer) -> None:
         self._dispatcher = dispatcher
+        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         partitions = {(tp.topic, tp.partition) for tp in revoked}
         if not partitions:
             return
+        # Not committed here: a commit waits for the group, which waits for this listener.
+        self._consumer.forget(revoked)
         self._dispatcher.revoke(partitions)
         try:
             async with asyncio.timeout(REVOKE_WAIT_SECONDS):
@@ -242,4 +297,5 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             )
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        pass
+        # A batch that began before the rebalance may have finished records of these since.
+        self._consumer.forget(assigned)

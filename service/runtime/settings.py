@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     group_id: str = "ticket-notifier"
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
     batch_timeout_ms: int = Field(default=20, ge=1, le=10_000)
+    # Finished batches' offsets are committed at most this often (0: after every batch).
+    commit_interval_ms: int = Field(default=100, ge=0, le=10_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     graceful_timeout_seconds: float = Field(default=20.0, gt=0)
