@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,10 +86,22 @@ def example_events() -> list[dict[str, Any]]:
 
 
 def example(name: str, **activity: Any) -> dict[str, Any]:
-    """An example event with `time` set to now and activity fields overridden."""
-    event: dict[str, Any] = stamped(json.loads((EXAMPLES / "events" / name).read_text()))
-    event["data"]["activity"].update(activity)
+    """An example event with `time` set to now, its activity's dates moved by as many days
+    (a follow-up a week after the example stays a week ahead, not in the past), and
+    activity fields overridden."""
+    original: dict[str, Any] = json.loads((EXAMPLES / "events" / name).read_text())
+    event = stamped(original)
+    written = dt.datetime.fromisoformat(original["time"].replace("Z", "+00:00")).date()
+    shift = dt.datetime.now(dt.UTC).date() - written
+    fields = event["data"]["activity"]
+    for field, value in fields.items():
+        if field.endswith("Date") and isinstance(value, str) and _DATE.fullmatch(value):
+            fields[field] = (dt.date.fromisoformat(value) + shift).isoformat()
+    fields.update(activity)
     return event
+
+
+_DATE = re.compile(r"\d{4}-\d\d-\d\d")
 
 
 def customer_mail_event(activity_id: str, **activity: Any) -> dict[str, Any]:
