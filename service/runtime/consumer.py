@@ -55,7 +55,6 @@ REWIND_PAUSE_SECONDS = 1.0
 BUFFERED_SECONDS = 0.003
 BUSY_SECONDS = 0.02
 CATCH_UP_MS = 10
-COMMIT_INTERVAL_SECONDS = 0.1
 
 
 def record_of(raw: ConsumerRecord[Any, Any]) -> Record:
@@ -79,7 +78,8 @@ class BatchConsumer:
         metrics: Metrics,
         max_records: int,
         clock: Callable[[], float] = time.monotonic,
-        commit_interval: float = COMMIT_INTERVAL_SECONDS,
+        *,
+        commit_interval: float,
     ) -> None:
         self._dispatcher = dispatcher
         self._metrics = metrics
