@@ -26,6 +26,7 @@ from jinja2 import (
 from markupsafe import Markup, escape
 
 from service.core.directory import Contact
+from service.core.inline import CachedInliner
 from service.core.routing import Kind, Notification
 from service.core.text import one_line
 from service.core.wrap import wrap_text
@@ -79,8 +80,11 @@ class Renderer:
         # No network: a <link> to a remote stylesheet must not be fetched while rendering.
         # At-rules cannot be inlined: they stay in a <style> block (the layout's @media query
         # that stacks the facts table on narrow screens), everything else becomes style="".
-        self._inliner = css_inline.CSSInliner(
-            keep_style_tags=False, keep_at_rules=True, load_remote_stylesheets=False
+        # Once per shape of the HTML, not per mail (service.core.inline).
+        self._inliner = CachedInliner(
+            css_inline.CSSInliner(
+                keep_style_tags=False, keep_at_rules=True, load_remote_stylesheets=False
+            )
         )
         self._templates: dict[tuple[str, str, str], Template] = {}
         folders = (
