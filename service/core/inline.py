@@ -33,12 +33,15 @@ __all__ = ["CachedInliner"]
 # Python's str methods and regexes are several times slower on a str that holds one
 # non-ASCII character, as most mails do: the work below is done on the UTF-8 bytes.
 _STYLE = b"<style"
-# A non-blank text: its leading whitespace and the rest of the run up to the next "<", after
-# a ">" (one is put before the document so that a text at its very start counts too).
-_TEXT = re.compile(rb">(\s*)([^\s<][^<]*)")
+# A non-blank text: the ">" before it with the text's leading whitespace, then the rest of
+# the run up to the next "<" (a ">" is put before the document so that a text at its very
+# start counts too). Split by it, markup is [before, ">" + space, text, ..., after].
+_TEXT = re.compile(rb"(>\s*)([^\s<][^<]*)")
 # Private-use code points: no template writes them, and html5ever passes them on unchanged.
 _OPEN, _CLOSE = "\ue000", "\ue001"
-_MARK = b">\\1" + _OPEN.encode()
+_OPEN_BYTES = _OPEN.encode()
+# In texts, what html5ever writes differently from the template: references, ">", U+00A0.
+_RESPELT = re.compile(rb"[&>]|\xc2\xa0")
 _HOLE = re.compile(f"{_OPEN}(\\d+){_CLOSE}".encode())
 _WHOLE = re.compile(f"\\s*{_OPEN}\\d+{_CLOSE}")
 # What html5ever changes in a text (drops U+0000, makes CR LF): such documents are not cached.
@@ -72,8 +75,13 @@ class CachedInliner:
         pieces = _cut_style(b">" + html.encode())
         texts: list[bytes] = []
         for i in range(0, len(pieces), 2):
-            texts += [_serialised(text) for _, text in _TEXT.findall(pieces[i])]
-            pieces[i] = _TEXT.sub(_MARK, pieces[i])
+            parts = _TEXT.split(pieces[i])
+            found = parts[2::3]
+            texts += found
+            parts[2::3] = [_OPEN_BYTES] * len(found)
+            pieces[i] = b"".join(parts)
+        if _RESPELT.search(b"<".join(texts)):  # rare: most texts are written as they are
+            texts = [_serialised(text) for text in texts]
         skeleton = b"".join(pieces)
         shapes = self._shapes
         if skeleton in shapes:
@@ -108,8 +116,8 @@ class CachedInliner:
 
 def _serialised(text: bytes) -> bytes:
     """A text as html5ever writes it: references resolved, then & < > and U+00A0 escaped."""
-    if b"&" not in text and b">" not in text and b"\xc2\xa0" not in text:
-        return text  # the common case: nothing to change
+    if not _RESPELT.search(text):
+        return text
     plain = html_module.unescape(text.decode())
     return (
         plain.replace("&", "&amp;")
