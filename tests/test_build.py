@@ -179,6 +179,44 @@ async def test_a_batch_finds_each_mail_by_key_and_content(tmp_path: Path) -> Non
     assert b"text 2" in texts[2]
 
 
+async def test_a_follow_up_answering_a_mail_of_its_batch_is_not_built_again(
+    tmp_path: Path,
+) -> None:
+    parent = notification(1)
+    ahead = replace(notification(2), parent_activity_id="1")  # its parent's mail not sent yet
+    # Once the parent's mail is out, the follow-up answers it.
+    answering = ahead.evolve(in_reply_to="<a.1.customer_content.0123456789abcdef@helpdesk.test>")
+    edited = replace(answering, activity_text="edited")  # not only the thread: built again
+    pool = pooled(tmp_path, 1)
+    calls: list[int] = []
+    build_chunk = pool.pool.build_chunk
+
+    async def counted(ns: Any) -> Any:
+        calls.append(len(ns))
+        return await build_chunk(ns)
+
+    pool.pool.build_chunk = counted  # type: ignore[method-assign]
+    await pool.start()
+    try:
+        batch = pool.batch([parent, ahead])
+        built = [await batch.build(n) for n in (parent, answering)]
+        again = pool.batch([ahead])
+        rebuilt = await again.build(edited)
+        await batch.close()
+        await again.close()
+    finally:
+        pool.close()
+    assert calls == [2, 1, 1]  # the batch's chunk; the second batch's chunk and the edit
+    assert all(isinstance(b, Built) for b in (*built, rebuilt))
+    local = spec(tmp_path).factory()
+    for n, b in ((answering, built[1]), (edited, rebuilt)):
+        expected = local.build(n)
+        assert isinstance(expected, Built)
+        assert isinstance(b, Built)
+        assert _without_date(b.data) == _without_date(expected.data)
+        assert b"In-Reply-To: <a.1.customer_content" in b.data
+
+
 async def test_a_missing_attachment_is_retried_without_rendering_again(tmp_path: Path) -> None:
     builder = InlineBuilder(spec(tmp_path).factory())
     renders = renders_of(builder.factory)

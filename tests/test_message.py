@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 
 from devkit.events import make_notification
 from service.core.directory import Contact
-from service.core.message import AddressError, Attachment, build_message, message_id, thread_ids
+from service.core.message import (
+    AddressError,
+    Attachment,
+    build_message,
+    message_id,
+    rethreaded,
+    thread_ids,
+)
 from service.core.mime import html_body, media_type, safe_filename, text_body
 from service.core.render import RenderedMail
 from service.core.routing import Kind
@@ -250,6 +257,39 @@ def test_a_follow_up_without_a_parent_mail_falls_back_to_the_ticket_root() -> No
     # Whatever the ledger held, only a plain msg-id reaches a header.
     forged = make_notification(parent_activity_id="5001", in_reply_to="<x@y>\r\nBcc: e@v.test")
     assert thread_ids(forged, DOMAIN)[0] == "<t.1042@helpdesk.test>"
+
+
+PARENTS = st.one_of(
+    st.none(),
+    st.sampled_from(["<a.5001.customer_content.0123456789abcdef@helpdesk.test>", "<x@y>"]),
+    st.text(max_size=30),  # whatever the ledger held: only a plain msg-id is used
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    before=PARENTS,
+    after=PARENTS,
+    subject=st.text(max_size=200),
+    with_pdf=st.booleans(),
+)
+def test_a_mail_rethreaded_is_the_mail_built_for_its_new_parent(
+    before: str | None, after: str | None, subject: str, with_pdf: bool
+) -> None:
+    # A subject is folded over several lines; one that quotes the threading headers
+    # cannot be taken for them.
+    mail = RenderedMail(f"In-Reply-To: {subject}\r\nReferences: <z@z>", MAIL.text, MAIL.html)
+    attachments = (PDF,) if with_pdf else ()
+    first = make_notification(activity_id="5002", parent_activity_id="5001", in_reply_to=before)
+    second = first.evolve(in_reply_to=after)
+    built = build(first, mail, attachments)
+    assert rethreaded(built, second, DOMAIN) == build(second, mail, attachments)
+
+
+def test_a_message_not_written_by_build_message_is_not_rethreaded() -> None:
+    n = make_notification()
+    assert rethreaded(b"Subject: x\r\n\r\nIn-Reply-To: <a@b>\r\n", n, DOMAIN) is None
+    assert rethreaded(b"", n, DOMAIN) is None
 
 
 def test_output_is_deterministic() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "ThreadIds",
     "build_message",
     "message_id",
+    "rethreaded",
     "thread_ids",
 ]
 
@@ -109,6 +110,30 @@ def thread_ids(n: Notification, domain: str) -> ThreadIds:
     return ThreadIds(root, (root,))
 
 
+def _thread_lines(thread: ThreadIds) -> str:
+    references = f"{CRLF} ".join(thread.references)
+    return f"In-Reply-To: {thread.in_reply_to}{CRLF}References: {references}{CRLF}"
+
+
+# The threading headers as build_message writes them, between Message-ID and MIME-Version.
+# A folded Subject's lines start with a blank, so no header before them can look like them.
+_THREAD_LINES = re.compile(
+    rb"\r\nIn-Reply-To: [^\r\n]*\r\nReferences: [^\r\n]*(?:\r\n [^\r\n]*)*\r\n(?=MIME-Version: )"
+)
+
+
+def rethreaded(message: bytes, n: Notification, domain: str) -> bytes | None:
+    """`message`, built by build_message for `n` answering another parent (or none), with
+    the In-Reply-To and References of `n`: nothing else in a message depends on them.
+    None when `message` does not hold them as build_message writes them."""
+    head_end = message.find(b"\r\n\r\n")
+    found = _THREAD_LINES.search(message, 0, head_end + 2)
+    if head_end < 0 or found is None:
+        return None
+    lines = _thread_lines(thread_ids(n, domain)).encode("ascii")
+    return b"".join((message[: found.start()], b"\r\n", lines, message[found.end() :]))
+
+
 def build_message(
     n: Notification,
     mail: RenderedMail,
@@ -149,8 +174,7 @@ def build_message(
         address("To", n.recipient.name, n.recipient.email),
         unstructured("Subject", mail.subject),
         f"Message-ID: {msg_id}{CRLF}",
-        f"In-Reply-To: {thread.in_reply_to}{CRLF}",
-        f"References: {f'{CRLF} '.join(thread.references)}{CRLF}",
+        _thread_lines(thread),
         f"MIME-Version: 1.0{CRLF}",
         # RFC 3834 §5: automatic responders must not answer auto-generated mail;
         # X-Auto-Response-Suppress is Exchange's equivalent ([MS-OXCMAIL] 2.2.3.2.20).

@@ -19,8 +19,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
+from service.core.message import rethreaded
 from service.core.routing import Notification
 from service.delivery.build import (
+    Built,
     InlineBatch,
     InlineBuilder,
     MailFactory,
@@ -29,6 +31,7 @@ from service.delivery.build import (
     Outcome,
     Rendered,
 )
+from service.delivery.smtp_wire import Payload
 
 log = logging.getLogger("service.delivery.workers")
 
@@ -64,25 +67,37 @@ class PooledBatch:
 
     pool: WorkerPool
     inline: InlineBatch
+    domain: str
     ahead: dict[Key, _Ahead] = field(default_factory=dict)
     chunks: list[asyncio.Task[list[Outcome | Rendered]]] = field(default_factory=list)
 
     async def build(self, n: Notification) -> Outcome:
         entry = self.ahead.get(n.key)
-        # Two records of one activity in a batch give the same key, and a follow-up whose
-        # parent was mailed earlier in the batch now answers that mail: only the
-        # notification sent ahead takes its outcome, any other goes to a worker on its own.
+        # Two records of one activity in a batch give the same key: only the notification
+        # sent ahead takes its outcome, any other goes to a worker on its own. A follow-up
+        # whose parent was mailed earlier in the batch now answers that mail: the mail built
+        # ahead is the same but for its threading headers, which are written again here.
         try:
-            if entry is None or entry.notification != n:
+            if entry is None or _besides_thread(entry.notification) != _besides_thread(n):
                 [outcome] = await self.pool.build_chunk([n])
             else:
                 del self.ahead[n.key]
                 outcome = (await entry.chunk)[entry.index]
+                if isinstance(outcome, Built) and entry.notification != n:
+                    outcome = await self._rethread(n, outcome)
         except BrokenProcessPool:
             raise WorkerLost from None
         if isinstance(outcome, Rendered):
             return await self.inline.attach(n, outcome.mail, outcome.render_seconds)
         return outcome
+
+    async def _rethread(self, n: Notification, built: Built) -> Outcome | Rendered:
+        data = rethreaded(built.data, n, self.domain)
+        if data is None:
+            [outcome] = await self.pool.build_chunk([n])
+            return outcome
+        # Only header lines changed, none starting with a dot: still dot-stuffed.
+        return Built(Payload(data), built.render_seconds)
 
     async def rebuild(self, n: Notification, previous: NotBuilt) -> Outcome:
         return await self.inline.rebuild(n, previous)
@@ -112,6 +127,11 @@ class WorkerPool:
             initializer=_start_worker,
             initargs=(self._spec, os.getpid()),
         )
+
+    @property
+    def domain(self) -> str:
+        """The domain of the Message-IDs the workers write."""
+        return self._spec.domain
 
     async def start(self) -> None:
         """Start every worker now, so the first batch does not wait for imports."""
@@ -166,7 +186,7 @@ class PooledBuilder:
 
     def batch(self, ahead: Sequence[Notification]) -> PooledBatch:
         """Send the mails to the workers, in order, each key once."""
-        batch = PooledBatch(self.pool, self.inline.batch(()))
+        batch = PooledBatch(self.pool, self.inline.batch(()), self.pool.domain)
         todo: list[Notification] = []
         seen: set[Key] = set()
         for n in ahead:
@@ -183,6 +203,10 @@ class PooledBuilder:
     def close(self) -> None:
         self.pool.close()
         self.inline.close()
+
+
+def _besides_thread(n: Notification) -> Notification:
+    return n.evolve(in_reply_to=None) if n.in_reply_to is not None else n
 
 
 # The worker side: one MailFactory per process, made by the pool's initializer.
