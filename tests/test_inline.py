@@ -145,10 +145,32 @@ def test_awkward_documents_still_match_css_inline(body: str) -> None:
 
 def test_the_cache_keeps_at_most_its_size() -> None:
     inliner = CachedInliner(INLINER, size=4)
-    for i in range(10):
-        inliner.inline(f"<html><body><p class='c{i}'>x</p></body></html>")
+    for i in range(10):  # each shape twice: as many hits as misses, the cache stays on
+        for text in ("x", "z"):
+            inliner.inline(f"<html><body><p class='c{i}'>{text}</p></body></html>")
     assert len(inliner._shapes) == 4
     inliner.inline("<html><body><p class='c9'>y</p></body></html>")
-    assert inliner.hits == 1
+    assert inliner.hits == 11
     inliner.inline("<html><body><p class='c0'>y</p></body></html>")
     assert inliner.misses == 11
+
+
+def test_shapes_that_do_not_repeat_turn_the_cache_off() -> None:
+    inliner = CachedInliner(INLINER, size=8)
+    # Data in an attribute: every mail a shape of its own.
+    pages = [
+        f"<html><body><a href='mailto:u{i}@x.test'>mail u{i}</a></body></html>" for i in range(40)
+    ]
+    assert [inliner.inline(page) for page in pages] == [direct(page) for page in pages]
+    assert inliner.bypassed
+    assert inliner.misses == 9
+    assert inliner._shapes == {}
+
+
+def test_shapes_that_repeat_keep_the_cache() -> None:
+    inliner = CachedInliner(INLINER, size=8)
+    for i in range(40):  # as many new shapes as the cache holds, each seen several times
+        page = f"<html><body><p class='c{i % 8}'>text {i}</p></body></html>"
+        assert inliner.inline(page) == direct(page)
+    assert not inliner.bypassed
+    assert (inliner.misses, inliner.hits) == (8, 32)

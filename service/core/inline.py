@@ -56,12 +56,16 @@ _RAW_TEXT = frozenset(
 class CachedInliner:
     """`inline(html)` gives what `inliner.inline(html)` gives.
 
-    `size` skeletons are kept, the least recently used dropped first.
+    `size` skeletons are kept, the least recently used dropped first. A miss costs several
+    times a whole inlining (the check of the inlined skeleton is pure Python): once the
+    misses are more than `size` and twice the hits, the shapes do not repeat (templates
+    that put data in attributes) and every later document is inlined whole.
     """
 
     def __init__(self, inliner: css_inline.CSSInliner, size: int = 256) -> None:
         self._inliner = inliner
         self._size = size
+        self.bypassed = False
         # skeleton → its inlined form cut at the texts' places (one piece more than there
         # are texts), or None when that form cannot be filled in.
         self._shapes: OrderedDict[bytes, list[bytes] | None] = OrderedDict()
@@ -69,7 +73,7 @@ class CachedInliner:
         self.misses = 0
 
     def inline(self, html: str) -> str:
-        if any(c in html for c in _UNCACHED):
+        if self.bypassed or any(c in html for c in _UNCACHED):
             return self._inliner.inline(html)
         # [markup, <style> element, markup, ...]: texts are taken from the markup only.
         pieces = _cut_style(b">" + html.encode())
@@ -92,6 +96,10 @@ class CachedInliner:
             self.hits += 1
         else:
             self.misses += 1
+            if self.misses > self._size and self.misses > 2 * self.hits:
+                self.bypassed = True
+                self._shapes.clear()
+                return self._inliner.inline(html)
             shape = self._shape(skeleton[1:].decode(), len(texts))
             shapes[skeleton] = shape
             if len(shapes) > self._size:
