@@ -127,8 +127,8 @@ def rethreaded(message: bytes, n: Notification, domain: str) -> bytes | None:
     the In-Reply-To and References of `n`: nothing else in a message depends on them.
     None when `message` does not hold them as build_message writes them."""
     head_end = message.find(b"\r\n\r\n")
-    found = _THREAD_LINES.search(message, 0, head_end + 2)
-    if head_end < 0 or found is None:
+    found = _THREAD_LINES.search(message, 0, head_end + 2) if head_end >= 0 else None
+    if found is None:
         return None
     lines = _thread_lines(thread_ids(n, domain)).encode("ascii")
     return b"".join((message[: found.start()], b"\r\n", lines, message[found.end() :]))

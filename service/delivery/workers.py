@@ -67,7 +67,6 @@ class PooledBatch:
 
     pool: WorkerPool
     inline: InlineBatch
-    domain: str
     ahead: dict[Key, _Ahead] = field(default_factory=dict)
     chunks: list[asyncio.Task[list[Outcome | Rendered]]] = field(default_factory=list)
 
@@ -92,7 +91,7 @@ class PooledBatch:
         return outcome
 
     async def _rethread(self, n: Notification, built: Built) -> Outcome | Rendered:
-        data = rethreaded(built.data, n, self.domain)
+        data = rethreaded(built.data, n, self.pool.domain)
         if data is None:
             [outcome] = await self.pool.build_chunk([n])
             return outcome
@@ -186,7 +185,7 @@ class PooledBuilder:
 
     def batch(self, ahead: Sequence[Notification]) -> PooledBatch:
         """Send the mails to the workers, in order, each key once."""
-        batch = PooledBatch(self.pool, self.inline.batch(()), self.pool.domain)
+        batch = PooledBatch(self.pool, self.inline.batch(()))
         todo: list[Notification] = []
         seen: set[Key] = set()
         for n in ahead:
