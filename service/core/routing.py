@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.core.directory import Contact, Directory, normalize_token
 from service.core.events import Activity, ActivityEvent, Customer
@@ -42,6 +42,17 @@ class Kind(StrEnum):
     def internal(self) -> bool:
         """Only company staff receive it, so `commentText` may appear in it."""
         return self is Kind.STAFF or self.reminder
+
+
+class Key(NamedTuple):
+    """One notification: at most one mail is ever sent per key."""
+
+    activity_id: str
+    kind: str
+    recipient: str
+    """The address, lower-cased (an `unresolved` row holds the token instead)."""
+    moment: str = ""
+    """'' except for reminders: the due moment, ISO 8601 UTC."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,15 @@ class Notification:
     moment: str = ""  # reminders: the due moment, ISO 8601 UTC (`moment_text`); "" otherwise
     calendar: tuple[CalendarEntry, ...] = ()  # staff: the dates its .ics attachment carries
 
+    # At most one mail per (activity id, kind, recipient address, moment). The moment is ""
+    # except for reminders, so a moved reminder is a new mail while a redelivered one is
+    # not. Derived from the fields above, once: delivery reads it ~15 times per mail.
+    key: Key = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = Key(self.activity_id, self.kind.value, self.recipient.email.lower(), self.moment)
+        object.__setattr__(self, "key", key)
+
     def evolve(self, **changes: Any) -> Notification:
         """A copy with `changes` (what dataclasses.replace does, in half its time: routing
         makes several per activity)."""
@@ -91,17 +111,8 @@ class Notification:
             values[_FIELD_INDEX[name]] = value
         return Notification(*values)
 
-    @property
-    def key(self) -> tuple[str, str, str, str]:
-        """At most one mail per (activity id, kind, recipient address, moment).
 
-        The moment is "" except for reminders, so a moved reminder is a new mail while a
-        redelivered one is not.
-        """
-        return (self.activity_id, self.kind.value, self.recipient.email.lower(), self.moment)
-
-
-_FIELD_NAMES = tuple(f.name for f in fields(Notification))
+_FIELD_NAMES = tuple(f.name for f in fields(Notification) if f.init)
 _FIELD_INDEX = {name: i for i, name in enumerate(_FIELD_NAMES)}
 _all_fields = attrgetter(*_FIELD_NAMES)
 

@@ -12,7 +12,7 @@ from service.core.routing import Kind, Notification, RoutingResult
 from service.delivery.build import MailBuilder
 from service.delivery.config import DeliveryConfig
 from service.delivery.ledger import Claim, ClaimRequest, Key, Ledger
-from service.delivery.outcomes import Ids, key_of
+from service.delivery.outcomes import Ids
 from service.delivery.sending import Batch
 
 
@@ -37,14 +37,14 @@ class BatchOpener:
         self._builder = builder
 
     async def open(self, live: list[Routed]) -> Batch:
-        keys = [key_of(n) for item in live for n in item.result.notifications]
+        keys = [n.key for item in live for n in item.result.notifications]
         sent = await self._ledger.sent(keys)
         parents = await self._parent_mails(live, sent)
         unsent = [
             answering(n, parents)
             for item in live
             for n in item.result.notifications
-            if key_of(n) not in sent
+            if n.key not in sent
         ]
         # The workers start on the mails while the claims are asked for: building is pure,
         # and a mail whose claim is lost is dropped unsent with the batch.
@@ -78,10 +78,10 @@ class BatchOpener:
     ) -> dict[tuple[str, str], dict[str, str]]:
         """What the parents of the batch's follow-ups mailed to the same recipients."""
         pairs = {
-            (n.parent_activity_id, key_of(n).recipient)
+            (n.parent_activity_id, n.key.recipient)
             for item in live
             for n in item.result.notifications
-            if n.parent_activity_id and key_of(n) not in sent
+            if n.parent_activity_id and n.key not in sent
         }
         return await self._ledger.sent_mails(sorted(pairs)) if pairs else {}
 
@@ -90,7 +90,7 @@ class BatchOpener:
         requests: dict[Key, ClaimRequest] = {}
         for item in live:
             for n in item.result.notifications:
-                key = key_of(n)
+                key = n.key
                 if key not in sent and key not in requests:
                     requests[key] = ClaimRequest(
                         key, n.ticket_id, item.ids.event_id, bypass_limit=item.released
@@ -128,6 +128,6 @@ def answering(n: Notification, mails: dict[tuple[str, str], dict[str, str]]) -> 
     (of the same kind if it got several)."""
     if not n.parent_activity_id:
         return n
-    got = mails.get((n.parent_activity_id, key_of(n).recipient), {})
+    got = mails.get((n.parent_activity_id, n.key.recipient), {})
     parent = got.get(n.kind.value) or next((got[k.value] for k in Kind if k.value in got), None)
     return n.evolve(in_reply_to=parent) if parent != n.in_reply_to else n

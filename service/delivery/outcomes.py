@@ -43,10 +43,6 @@ class Ids:
         }
 
 
-def key_of(n: Notification) -> Key:
-    return Key(*n.key)
-
-
 class Outcomes:
     """Records, counts and logs each outcome; the dispatcher decides, this tells."""
 
@@ -67,7 +63,7 @@ class Outcomes:
         reason: str | None = None,
     ) -> Entry:
         return Entry(
-            key_of(n),
+            n.key,
             status,
             message_id,
             ticket_id=n.ticket_id,

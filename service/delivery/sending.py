@@ -25,7 +25,7 @@ from service.delivery.build import MailBatch, NotBuilt, Outcome
 from service.delivery.config import DeliveryConfig
 from service.delivery.dead_letters import Record, RetryLater
 from service.delivery.ledger import Claim, ClaimRequest, Key, Ledger
-from service.delivery.outcomes import Ids, Outcomes, key_of
+from service.delivery.outcomes import Ids, Outcomes
 from service.delivery.smtp import Mailer, PermanentSmtpError, TransientSmtpError
 from service.delivery.smtp_wire import Withheld
 from service.delivery.workers import WorkerLost
@@ -81,7 +81,7 @@ class Sender:
         self, n: Notification, ids: Ids, record: Record, batch: Batch
     ) -> Failure | None:
         """Send `n` unless it was sent; the failure to dead-letter, if any."""
-        key = key_of(n)
+        key = n.key
         if key in batch.sent:
             self._outcomes.duplicate(n, ids)
             return None
@@ -125,7 +125,7 @@ class Sender:
     async def _send(
         self, n: Notification, ids: Ids, msg_id: str, data: bytes, batch: Batch
     ) -> Failure | None:
-        key = key_of(n)
+        key = n.key
         attempt = 0
         lease_end = 0.0
 
@@ -164,7 +164,7 @@ class Sender:
 
     async def _lease(self, n: Notification, ids: Ids, batch: Batch) -> float:
         """Until when this instance may send `n`: renewed once half its lease is gone."""
-        key = key_of(n)
+        key = n.key
         lease = self._config.lease_seconds
         end = batch.leases.get(key, 0.0)
         if time.monotonic() < end - lease / 2:
@@ -184,7 +184,7 @@ class Sender:
     async def _wait_for_claim(self, n: Notification, ids: Ids, batch: Batch) -> Claim:
         """Another instance holds `n` (it stalled, or has just lost the partition): wait
         for its lease to end or its mail to be recorded, within the retry budget."""
-        key = key_of(n)
+        key = n.key
         attempt = 0
         while True:
             await self.backoff(attempt, batch.deadline)

@@ -13,9 +13,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, Protocol
 
 from service.core.backoff import backoff_delay
+from service.core.routing import Key
 from service.core.text import one_line as _one_line
 from service.delivery.ledger.errors import (
     LedgerConfigError,
@@ -27,17 +28,6 @@ from service.delivery.ledger.url import LedgerUrl, parse_ledger_url
 
 # Alembic narrates every step at INFO, from import on; the ledger logs what matters itself.
 logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
-class Key(NamedTuple):
-    """One notification: at most one mail is ever sent per key."""
-
-    activity_id: str
-    kind: str
-    recipient: str
-    """The address, lower-cased (an `unresolved` row holds the token instead)."""
-    moment: str = ""
-    """'' except for reminders: the due moment, ISO 8601 UTC."""
 
 
 Where = tuple[str, int, int]
