@@ -6,8 +6,9 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from typing import Any
 
 from service.core.directory import Directory
 from service.core.events import InvalidEvent, parse_event
@@ -253,15 +254,15 @@ class Dispatcher:
             return False
         if item.late_reminders:
             await self._outcomes.expired(list(item.late_reminders), ids, "too late when read")
-        await asyncio.gather(
-            *(self._outcomes.unresolved(u, ids) for u in result.unresolved),
-            *(self._outcomes.withheld(n, ids) for n in result.withheld),
-        )
+        if result.unresolved or result.withheld:
+            await asyncio.gather(
+                *(self._outcomes.unresolved(u, ids) for u in result.unresolved),
+                *(self._outcomes.withheld(n, ids) for n in result.withheld),
+            )
         # A parent earlier in this batch (same ticket, so served before) counts too.
         notifications = [answering(n, batch.parent_mails) for n in result.notifications]
-        outcomes = await asyncio.gather(
-            *(self._sender.deliver(n, ids, record, batch) for n in notifications),
-            return_exceptions=True,
+        outcomes = await _all_settled(
+            [self._sender.deliver(n, ids, record, batch) for n in notifications]
         )
         failures: list[Failure] = []
         for outcome in outcomes:
@@ -310,3 +311,15 @@ class Dispatcher:
 def _written(record: Record) -> float | None:
     """The record's Kafka timestamp, in epoch seconds."""
     return record.timestamp_ms / 1000 if record.timestamp_ms is not None else None
+
+
+async def _all_settled(
+    deliveries: list[Coroutine[Any, Any, Failure | None]],
+) -> list[Failure | BaseException | None]:
+    """`gather(..., return_exceptions=True)`, without a task for the usual single mail."""
+    if len(deliveries) == 1:
+        try:
+            return [await deliveries[0]]
+        except Exception as error:  # the caller re-raises it, as gather's result would
+            return [error]
+    return await asyncio.gather(*deliveries, return_exceptions=True)
