@@ -26,6 +26,7 @@ from jinja2 import (
 from markupsafe import Markup, escape
 
 from service.core.directory import Contact
+from service.core.flatten import flatten
 from service.core.inline import CachedInliner
 from service.core.routing import Kind, Notification
 from service.core.text import one_line
@@ -65,8 +66,9 @@ class Renderer:
     """One Jinja environment; every template is compiled once, at construction."""
 
     def __init__(self, templates_dir: Path) -> None:
+        self._loader = FileSystemLoader(str(templates_dir))
         self._env = Environment(
-            loader=FileSystemLoader(str(templates_dir)),
+            loader=self._loader,
             autoescape=select_autoescape(["html"], default_for_string=False, default=False),
             undefined=StrictUndefined,
             trim_blocks=True,
@@ -101,8 +103,14 @@ class Renderer:
                         self._templates[folder, kind.value, part] = self._compile(name)
 
     def _compile(self, name: str) -> Template:
+        env = self._env
         try:
-            template = self._env.get_template(name)
+            # Its includes put in place (service.core.flatten): the same text, without a
+            # context per include. Errors are named from the plain template (`_diagnose`).
+            source, filename, _ = self._loader.get_source(env, name)
+            ast = flatten(env, env.parse(source, name, filename), name)
+            code = env.compile(ast, name, filename)
+            template = env.template_class.from_code(env, code, env.make_globals(None))
         except TemplateSyntaxError as exc:
             raise RenderError(_reason(exc)) from None
         except TemplateError as exc:
@@ -135,8 +143,24 @@ class Renderer:
             html = self._inliner.inline(chosen["html"][1].render(context))
         except Exception as exc:
             # `from None`: a chained cause could carry the data that upset the template.
-            raise RenderError(f"{where}: {_reason(exc)}") from None
+            raise RenderError(f"{where}: {self._diagnose(chosen, context, exc)}") from None
         return RenderedMail(one_line(subject), text, html)
+
+    def _diagnose(
+        self, chosen: dict[str, tuple[str, Template]], context: dict[str, Any], exc: Exception
+    ) -> str:
+        """The reason, named after the template and line it is in.
+
+        A flattened template's frames carry its own name with an included one's lines: the
+        same render through Jinja's plain templates (with their includes) names the right
+        one.
+        """
+        for _, template in chosen.values():
+            try:
+                self._env.get_template(template.name or "").render(context)
+            except Exception as plain:
+                return _reason(plain)
+        return _reason(exc)
 
     def check(self) -> None:
         """Render every kind in every locale folder (and a fallback) with sample data."""
