@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
@@ -62,12 +63,26 @@ def nl2br(value: object) -> Markup:
     return escape(text).replace("\n", Markup("<br>\n"))
 
 
+class _Environment(Environment):
+    """Jinja's environment with every template's globals in a plain dict.
+
+    Every render copies its template's globals into its context, and every `{% from ...
+    import %}` compares the importing template's globals with the imported one's. Jinja
+    keeps them as a ChainMap over the environment's, which lets a later change of the
+    environment's globals show; ours never change after construction, and a dict makes
+    both ~20 % of a render cheaper.
+    """
+
+    def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
+        return {**self.globals, **(d or {})}
+
+
 class Renderer:
     """One Jinja environment; every template is compiled once, at construction."""
 
     def __init__(self, templates_dir: Path) -> None:
         self._loader = FileSystemLoader(str(templates_dir))
-        self._env = Environment(
+        self._env = _Environment(
             loader=self._loader,
             autoescape=select_autoescape(["html"], default_for_string=False, default=False),
             undefined=StrictUndefined,
@@ -115,11 +130,6 @@ class Renderer:
             raise RenderError(_reason(exc)) from None
         except TemplateError as exc:
             raise RenderError(f"{name}: {_reason(exc)}") from None
-        # Every render copies the template's globals into its context; Jinja keeps them as
-        # a ChainMap over the environment's, slow to copy. The same names in a plain dict
-        # (the environment's globals never change after construction): rendering ~20 %
-        # cheaper.
-        template.globals = dict(template.globals)
         return template
 
     @property
