@@ -40,46 +40,46 @@ def _flat_and_plain(templates: dict[str, str], name: str, **context: Any) -> tup
     return flat.render(context), env.get_template(name).render(context), left
 
 
-def test_a_plain_include_is_put_in_place_and_renders_the_same() -> None:
-    flat, plain, left = _flat_and_plain(
-        {
-            "main.txt": "a {{ x }}\n{% include 'part.txt' %}\nb {{ x }}\n",
-            "part.txt": "part {{ x }} {{ y | upper }}\n",
-        },
-        "main.txt",
-        x=1,
-        y="why",
-    )
+@pytest.mark.parametrize(
+    ("templates", "context", "expected"),
+    [
+        # Jinja drops a template's last newline, and trim_blocks the one after a tag.
+        (
+            {
+                "main.txt": "a {{ x }}\n{% include 'part.txt' %}\nb {{ x }}\n",
+                "part.txt": "part {{ x }} {{ y | upper }}\n",
+            },
+            {"x": 1, "y": "why"},
+            "a 1\npart 1 WHYb 1",
+        ),
+        # an included `set` stays in the included template
+        (
+            {
+                "main.txt": "{% set x = 1 %}{% include 'part.txt' %}|{{ x }}",
+                "part.txt": "{% set x = 2 %}{{ x }}",
+            },
+            {},
+            "2|1",
+        ),
+        # includes nest, and see the variables set before them
+        (
+            {
+                "main.html": "{% set who = '<b>' %}{% if on %}{% include 'a.html' %}{% endif %}",
+                "a.html": "[{% include 'b.html' %}]",
+                "b.html": "{{ who }}{{ text }}",
+            },
+            {"on": True, "text": "&"},
+            "[&lt;b&gt;&amp;]",
+        ),
+    ],
+    ids=["plain", "own-set", "nested"],
+)
+def test_a_plain_include_is_put_in_place_and_renders_the_same(
+    templates: dict[str, str], context: dict[str, Any], expected: str
+) -> None:
+    flat, plain, left = _flat_and_plain(templates, next(iter(templates)), **context)
     assert left == 0
-    # Jinja drops a template's last newline, and trim_blocks the one after a tag.
-    assert flat == plain == "a 1\npart 1 WHYb 1"
-
-
-def test_an_included_set_stays_in_the_included_template() -> None:
-    flat, plain, left = _flat_and_plain(
-        {
-            "main.txt": "{% set x = 1 %}{% include 'part.txt' %}|{{ x }}",
-            "part.txt": "{% set x = 2 %}{{ x }}",
-        },
-        "main.txt",
-    )
-    assert left == 0
-    assert flat == plain == "2|1"
-
-
-def test_includes_nest_and_see_the_variables_set_before_them() -> None:
-    flat, plain, left = _flat_and_plain(
-        {
-            "main.html": "{% set who = '<b>' %}{% if on %}{% include 'a.html' %}{% endif %}",
-            "a.html": "[{% include 'b.html' %}]",
-            "b.html": "{{ who }}{{ text }}",
-        },
-        "main.html",
-        on=True,
-        text="&",
-    )
-    assert left == 0
-    assert flat == plain == "[&lt;b&gt;&amp;]"
+    assert flat == plain == expected
 
 
 @pytest.mark.parametrize(
@@ -128,9 +128,10 @@ def test_includes_that_are_more_than_the_context_stay_includes(
 
 
 def test_a_template_that_includes_itself_stays_an_include() -> None:
-    env = _env({"main.txt": "{% if n %}{% include 'main.txt' %}{% endif %}"})
-    ast = flatten(env, env.parse("{% if n %}{% include 'main.txt' %}{% endif %}"), "main.txt")
-    assert sum(1 for _ in ast.find_all(nodes.Include)) == 1
+    templates = {"main.txt": "[{% if n %}{% include 'main.txt' %}{% endif %}]"}
+    flat, plain, left = _flat_and_plain(templates, "main.txt", n=False)
+    assert left == 1
+    assert flat == plain == "[]"
 
 
 @pytest.fixture(scope="module")
