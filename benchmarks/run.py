@@ -336,6 +336,9 @@ def phase_service(
         raise RuntimeError(f"baseline delivered {done} of {ctx.expected}:\n{proc.log_tail()}")
     seconds = last - first
     cpu = sum(sampler.cpu_at(last) - sampler.cpu_at(first) for sampler in samplers)
+    main = sum(
+        sampler.cpu_at(last, main=True) - sampler.cpu_at(first, main=True) for sampler in samplers
+    )
     samples = samplers[0].samples
     drain = [s for s in samples if first <= s.t <= last]
     rss = [s.rss for s in drain] or [samples[-1].rss]
@@ -354,6 +357,17 @@ def phase_service(
         # CPU between the first and the last mail, over the mails in between.
         "cpu_ms_per_notification": 1000 * cpu / done,
         "cpu_utilisation": cpu / seconds if seconds > 0 else None,
+        # The event loop's process alone (the render workers excluded): near 1.0 it is
+        # what bounds the rate.
+        "main_cpu_ms_per_notification": 1000 * main / done,
+        "main_utilisation": main / seconds if seconds > 0 else None,
+        # Every process's CPU over the drain, in CPUs: the service, the broker, the sink.
+        "machine_cpus_busy": (
+            (samplers[0].cpu_at(last, machine=True) - samplers[0].cpu_at(first, machine=True))
+            / seconds
+            if seconds > 0
+            else None
+        ),
         "peak_rss_mb": peak / 2**20,
         "replicas": replicas,
         "peak_rss_mb_all_replicas": sum(peaks) / 2**20,
@@ -644,7 +658,9 @@ def table(results: dict[str, Any]) -> str:
         d = c["drain_rss_mb"]
         lines.append(
             f"service drain: {c['events']} events → {c['notifications']} mails in "
-            f"{c['seconds']:.1f} s, CPU {100 * (c['cpu_utilisation'] or 0):.0f}% of a core; "
+            f"{c['seconds']:.1f} s, CPU {100 * (c['cpu_utilisation'] or 0):.0f}% of a core "
+            f"({100 * (c.get('main_utilisation') or 0):.0f}% in the event loop's process; "
+            f"the machine {c.get('machine_cpus_busy') or 0:.2f} of {os.cpu_count()} CPUs busy); "
             f"RSS first/max/last {d['first']:.0f}/{d['max']:.0f}/{d['last']:.0f} MB, "
             f"growth after the first 20 %: {d['growth_after_20pct_mb']:+.1f} MB"
         )

@@ -25,6 +25,8 @@ class Sample:
     cpu: float  # user + system seconds of the service process
     rss: int  # bytes
     count: int  # mails accepted by the sink so far (from `progress`)
+    main: float = 0.0  # user + system seconds of the service process alone (its event loop)
+    busy: float = 0.0  # CPU seconds the whole machine spent not idle (all processes, all CPUs)
 
 
 @dataclass
@@ -60,32 +62,41 @@ class ResourceSampler:
     def _sample(self) -> None:
         assert self._ps is not None
         while not self._stop.is_set():
-            cpu = rss = 0.0
+            cpu = rss = main = 0.0
             for process in self._tree():
                 try:
                     with process.oneshot():
                         times = process.cpu_times()
                         cpu += times.user + times.system
                         rss += process.memory_info().rss
+                        if process is self._ps:
+                            main = times.user + times.system
                 except psutil.Error:
                     if process is self._ps:
                         return
             count = self.progress() if self.progress is not None else 0
-            self.samples.append(Sample(time.monotonic(), cpu, int(rss), count))
+            machine = psutil.cpu_times()
+            busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+            self.samples.append(Sample(time.monotonic(), cpu, int(rss), count, main, busy))
             self._stop.wait(self.interval)
 
-    def cpu_at(self, t: float) -> float:
-        """CPU seconds used by time `t`, interpolated between samples."""
+    def cpu_at(self, t: float, *, main: bool = False, machine: bool = False) -> float:
+        """CPU seconds used by time `t` (by the main process alone with `main`, by the
+        whole machine with `machine`), interpolated between samples."""
         before = [s for s in self.samples if s.t <= t]
         after = [s for s in self.samples if s.t >= t]
+
+        def of(s: Sample) -> float:
+            return s.busy if machine else s.main if main else s.cpu
+
         if not before:
-            return after[0].cpu if after else 0.0
+            return of(after[0]) if after else 0.0
         if not after:
-            return before[-1].cpu
+            return of(before[-1])
         a, b = before[-1], after[0]
         if b.t == a.t:
-            return a.cpu
-        return a.cpu + (b.cpu - a.cpu) * (t - a.t) / (b.t - a.t)
+            return of(a)
+        return of(a) + (of(b) - of(a)) * (t - a.t) / (b.t - a.t)
 
     def peak_rss(self) -> int:
         """Sum of VmHWM (the kernel's peak RSS) over the live processes, else the sampled max."""

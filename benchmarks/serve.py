@@ -10,7 +10,9 @@ patches the service in this process only:
   long its batch subscriber sleeps after an empty poll;
 - `buffered-logs`: log records go through a MemoryHandler flushed every 100 ms (and at
   once for WARNING and above) instead of one write per line;
-- `no-css-inline`: skip css-inline (NOT equivalent output: only to size its cost).
+- `no-css-inline`: skip css-inline (NOT equivalent output: only to size its cost);
+- `timeline=PATH`: a line per stage of each batch (`handle_batch+`, `claim-`, …) and per
+  mail sent, with its monotonic time, appended to PATH (a probe: the writes cost time).
 """
 
 from __future__ import annotations
@@ -78,12 +80,60 @@ def _no_css_inline() -> None:
     Renderer.__init__ = init  # type: ignore[method-assign]
 
 
+def _timeline(path: str) -> None:
+    """Probe: monotonic stamps of each batch's stages and of every mail sent, to `path`."""
+    import time
+
+    from service.delivery.batches import BatchOpener
+    from service.delivery.dispatch import Dispatcher
+    from service.delivery.outcomes import Outcomes
+    from service.delivery.workers import WorkerPool
+    from service.runtime.consumer import BatchConsumer
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115
+
+    def mark(what: str) -> None:
+        out.write(f"{time.monotonic():.6f} {what}\n")
+
+    def wrap(cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        async def wrapped(*args: Any, **kwargs: Any) -> Any:
+            mark(f"{name}+")
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                mark(f"{name}-")
+
+        setattr(cls, name, wrapped)
+
+    wrap(BatchConsumer, "handle")
+    wrap(Dispatcher, "handle_batch")
+    wrap(BatchOpener, "open")
+    wrap(Outcomes, "sent")
+    from service.delivery.ledger.sqlite import SqliteLedger
+    from service.delivery.reminding import Reminding
+
+    for name in ("dead_lettered", "first_start", "sent", "sent_mails", "claim", "record_ticket"):
+        wrap(SqliteLedger, name)
+    wrap(Reminding, "plan")
+    wrap(Reminding, "store")
+    wrap(Dispatcher, "_plan_reminders")
+    wrap(WorkerPool, "build_chunk")
+    import atexit
+
+    atexit.register(out.close)
+
+
 def main() -> int:
     experiments = [e for e in os.environ.get("BENCH_EXPERIMENTS", "").split(",") if e]
     for experiment in experiments:
         name, _, value = experiment.partition("=")
         if name == "batch-timeout":
             _batch_timeout(int(value))
+        elif name == "timeline":
+            _timeline(value)
         elif name == "no-css-inline":
             _no_css_inline()
         elif name != "buffered-logs":
