@@ -12,7 +12,12 @@ patches the service in this process only:
   once for WARNING and above) instead of one write per line;
 - `no-css-inline`: skip css-inline (NOT equivalent output: only to size its cost);
 - `timeline=PATH`: a line per stage of each batch (`handle_batch+`, `claim-`, …) and per
-  mail sent, with its monotonic time, appended to PATH (a probe: the writes cost time).
+  mail sent, with its monotonic time, appended to PATH (a probe: the writes cost time);
+- `waits=PATH`: per awaited stage (building, a connection, the transaction, the record,
+  the SQLite thread's work) its calls and summed wall time, as JSON, every second;
+- `switch-interval=S`: `sys.setswitchinterval(S)` (the GIL's hand-over interval);
+- `uvloop`: uvloop's event loop, as `notifier run` has it (this launcher's default is
+  asyncio's).
 """
 
 from __future__ import annotations
@@ -126,12 +131,101 @@ def _timeline(path: str) -> None:
     atexit.register(out.close)
 
 
+def _waits(path: str) -> None:
+    """Probe: per awaited stage, how many calls and their summed wall time, to `path`."""
+    import json
+    import time
+
+    from service.delivery.build import InlineBatch
+    from service.delivery.dispatch import Dispatcher
+    from service.delivery.outcomes import Outcomes
+    from service.delivery.sending import Sender
+    from service.delivery.smtp import SmtpPool
+    from service.delivery.workers import PooledBatch
+
+    totals: dict[str, list[float]] = {}
+
+    def wrap(cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+        slot = totals.setdefault(f"{cls.__name__}.{name}", [0, 0.0])
+
+        @functools.wraps(original)
+        async def wrapped(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                slot[0] += 1
+                slot[1] += time.perf_counter() - started
+
+        setattr(cls, name, wrapped)
+
+    for cls, name in [
+        (Dispatcher, "handle_batch"),
+        (Dispatcher, "_serve"),
+        (Sender, "deliver"),
+        (Sender, "_build"),
+        (PooledBatch, "build"),
+        (InlineBatch, "attach"),
+        (SmtpPool, "_take"),
+        (SmtpPool, "_transact"),
+        (Outcomes, "sent"),
+    ]:
+        wrap(cls, name)
+
+    from service.delivery.ledger.sqlite import SqliteLedger
+
+    wrap(SqliteLedger, "_write")
+    original_tx = SqliteLedger._transaction
+    tx = totals.setdefault("SqliteLedger._transaction (thread: wall, CPU)", [0, 0.0, 0.0])
+
+    def transaction(self: Any, fn: Any) -> Any:
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return original_tx(self, fn)
+        finally:
+            tx[0] += 1
+            tx[1] += time.perf_counter() - started
+            tx[2] += time.thread_time() - cpu
+
+    SqliteLedger._transaction = transaction  # type: ignore[method-assign]
+    original_write = SqliteLedger._write_now
+    writes = totals.setdefault("SqliteLedger._write_now (thread: wall, CPU)", [0, 0.0, 0.0])
+
+    def write_now(self: Any, *args: Any) -> Any:
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return original_write(self, *args)
+        finally:
+            writes[0] += 1
+            writes[1] += time.perf_counter() - started
+            writes[2] += time.thread_time() - cpu
+
+    SqliteLedger._write_now = write_now  # type: ignore[method-assign]
+
+    def dump() -> None:
+        while True:
+            threading.Event().wait(1.0)
+            with open(path, "w") as out:
+                json.dump(totals, out)
+
+    threading.Thread(target=dump, name="waits-dump", daemon=True).start()
+
+
 def main() -> int:
     experiments = [e for e in os.environ.get("BENCH_EXPERIMENTS", "").split(",") if e]
     for experiment in experiments:
         name, _, value = experiment.partition("=")
         if name == "batch-timeout":
             _batch_timeout(int(value))
+        elif name == "switch-interval":
+            sys.setswitchinterval(float(value))
+        elif name == "uvloop":
+            import uvloop
+
+            uvloop.install()
+        elif name == "waits":
+            _waits(value)
         elif name == "timeline":
             _timeline(value)
         elif name == "no-css-inline":

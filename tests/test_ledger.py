@@ -75,6 +75,28 @@ async def test_concurrent_records_share_transactions(ledger: Ledger) -> None:
     assert len(calls) < 30, calls  # coalesced: far fewer transactions than records
 
 
+async def test_look_ups_and_claims_of_many_keys_at_once(ledger: Ledger) -> None:
+    # A batch's worth of keys in each call, on both backends.
+    sent = [key(i, f"u{i % 150}@x.test") for i in range(450)]
+    await asyncio.gather(*(ledger.record(Entry(k, Status.SENT, f"<{k[0]}@x>")) for k in sent))
+    fresh = [key(1000 + i, f"u{i % 150}@x.test") for i in range(50)]
+    assert await ledger.sent([*sent, *fresh]) == set(sent)
+    got = await ledger.claim(requests([*sent, *fresh]), "A", 30, 100)
+    assert got == {**dict.fromkeys(sent, Claim.SENT), **dict.fromkeys(fresh, Claim.WON)}
+    # Three sent to each of the first 150 recipients in the hour: a limit of 3 holds them.
+    more = [key(2000 + i, f"u{i}@x.test") for i in range(300)]
+    got = await ledger.claim(requests(more), "A", 30, 3)
+    assert [got[k] for k in more] == [Claim.THROTTLED] * 150 + [Claim.WON] * 150
+    pairs = [(k.activity_id, k.recipient) for k in sent]
+    mails = await ledger.sent_mails(pairs)
+    assert mails == {(k.activity_id, k.recipient): {k.kind: f"<{k[0]}@x>"} for k in sent}
+    letters = [("t", i % 4, i) for i in range(450)]
+    await asyncio.gather(
+        *(ledger.record_dead_letter(DeadLetter(w, "decode", None)) for w in letters[::2])
+    )
+    assert await ledger.dead_lettered(letters) == set(letters[::2])
+
+
 async def test_dead_letters_are_remembered_once(ledger: Ledger) -> None:
     assert await ledger.dead_lettered([("t", 0, 7)]) == set()
     reason = "render: " + "x" * 300 + "\nsecond line"
