@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import pickle
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,14 @@ from hypothesis import strategies as st
 
 from service.core.directory import Contact, Directory, normalize_token
 from service.core.events import Activity, ActivityEvent
-from service.core.routing import Kind, Notification, RoutingPolicy, Unresolved, route
+from service.core.routing import (
+    CalendarEntry,
+    Kind,
+    Notification,
+    RoutingPolicy,
+    Unresolved,
+    route,
+)
 from tests.strategies import activities, activity_events, texts
 
 DIRECTORY = Directory.from_mapping(
@@ -556,3 +564,18 @@ def test_evolve_is_dataclasses_replace() -> None:
         assert n.evolve(**changes) == dataclasses.replace(n, **changes)
     with pytest.raises(KeyError):
         n.evolve(no_such_field=1)
+
+
+@given(routable(), st.booleans())
+def test_property_notifications_cross_to_a_worker_unchanged(e: ActivityEvent, allow: bool) -> None:
+    # A render worker gets its chunk pickled (Notification.__reduce__: the constructor's
+    # arguments, the key derived again); staff mail with calendar entries too.
+    entry = CalendarEntry(Kind.FOLLOWUP_REMINDER, dt.datetime(2026, 12, 1, 9, tzinfo=dt.UTC), 2)
+    mails = [
+        n.evolve(calendar=(entry,)) if n.kind is Kind.STAFF else n
+        for n in all_of(route(e, DIRECTORY, RoutingPolicy(allow)))
+    ]
+    back = pickle.loads(pickle.dumps(mails, 5))
+    assert back == mails
+    assert [n.key for n in back] == [n.key for n in mails]
+    assert all(type(n.recipient) is Contact for n in back)

@@ -63,6 +63,9 @@ class CalendarEntry:
     moment: dt.datetime
     sequence: int = 0
 
+    def __reduce__(self) -> tuple[type[CalendarEntry], tuple[Kind, dt.datetime, int]]:
+        return (CalendarEntry, (self.kind, self.moment, self.sequence))
+
 
 @dataclass(frozen=True, slots=True)
 class Notification:
@@ -102,6 +105,12 @@ class Notification:
     def __post_init__(self) -> None:
         key = Key(self.activity_id, self.kind.value, self.recipient.email.lower(), self.moment)
         object.__setattr__(self, "key", key)
+
+    def __reduce__(self) -> tuple[type[Notification], tuple[Any, ...]]:
+        # As the constructor's arguments (the key is derived again): a render worker gets
+        # a chunk of these, and a slots dataclass's default pickling runs in Python, on a
+        # thread of the event loop's process (benchmarks/README.md, eighth round).
+        return (Notification, _all_fields(self))
 
     def evolve(self, **changes: Any) -> Notification:
         """A copy with `changes` (what dataclasses.replace does, in half its time: routing
