@@ -336,9 +336,7 @@ def phase_service(
         raise RuntimeError(f"baseline delivered {done} of {ctx.expected}:\n{proc.log_tail()}")
     seconds = last - first
     cpu = sum(sampler.cpu_at(last) - sampler.cpu_at(first) for sampler in samplers)
-    main = sum(
-        sampler.cpu_at(last, main=True) - sampler.cpu_at(first, main=True) for sampler in samplers
-    )
+    main = sum(sampler.cpu_at(last, "main") - sampler.cpu_at(first, "main") for sampler in samplers)
     samples = samplers[0].samples
     drain = [s for s in samples if first <= s.t <= last]
     rss = [s.rss for s in drain] or [samples[-1].rss]
@@ -363,8 +361,7 @@ def phase_service(
         "main_utilisation": main / seconds if seconds > 0 else None,
         # Every process's CPU over the drain, in CPUs: the service, the broker, the sink.
         "machine_cpus_busy": (
-            (samplers[0].cpu_at(last, machine=True) - samplers[0].cpu_at(first, machine=True))
-            / seconds
+            (samplers[0].cpu_at(last, "busy") - samplers[0].cpu_at(first, "busy")) / seconds
             if seconds > 0
             else None
         ),

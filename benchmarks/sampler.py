@@ -14,7 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
+from typing import Literal
 
 import psutil
 
@@ -80,23 +82,21 @@ class ResourceSampler:
             self.samples.append(Sample(time.monotonic(), cpu, int(rss), count, main, busy))
             self._stop.wait(self.interval)
 
-    def cpu_at(self, t: float, *, main: bool = False, machine: bool = False) -> float:
-        """CPU seconds used by time `t` (by the main process alone with `main`, by the
-        whole machine with `machine`), interpolated between samples."""
+    def cpu_at(self, t: float, of: Literal["cpu", "main", "busy"] = "cpu") -> float:
+        """CPU seconds used by time `t`, interpolated between samples: the service's
+        processes (`cpu`), its main process alone (`main`) or the whole machine (`busy`)."""
         before = [s for s in self.samples if s.t <= t]
         after = [s for s in self.samples if s.t >= t]
-
-        def of(s: Sample) -> float:
-            return s.busy if machine else s.main if main else s.cpu
+        value = attrgetter(of)
 
         if not before:
-            return of(after[0]) if after else 0.0
+            return float(value(after[0])) if after else 0.0
         if not after:
-            return of(before[-1])
+            return float(value(before[-1]))
         a, b = before[-1], after[0]
         if b.t == a.t:
-            return of(a)
-        return of(a) + (of(b) - of(a)) * (t - a.t) / (b.t - a.t)
+            return float(value(a))
+        return float(value(a) + (value(b) - value(a)) * (t - a.t) / (b.t - a.t))
 
     def peak_rss(self) -> int:
         """Sum of VmHWM (the kernel's peak RSS) over the live processes, else the sampled max."""

@@ -85,59 +85,65 @@ def _no_css_inline() -> None:
     Renderer.__init__ = init  # type: ignore[method-assign]
 
 
+def _around(cls: Any, name: str, enter: Any, leave: Any) -> None:
+    """Patch the coroutine method `cls.name`: `enter()` before it, `leave(state)` after
+    it (whatever it raised), `state` being what `enter()` returned."""
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        state = enter()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            leave(state)
+
+    setattr(cls, name, wrapped)
+
+
 def _timeline(path: str) -> None:
     """Probe: monotonic stamps of each batch's stages and of every mail sent, to `path`."""
+    import atexit
     import time
 
     from service.delivery.batches import BatchOpener
     from service.delivery.dispatch import Dispatcher
+    from service.delivery.ledger.sqlite import SqliteLedger
     from service.delivery.outcomes import Outcomes
+    from service.delivery.reminding import Reminding
     from service.delivery.workers import WorkerPool
     from service.runtime.consumer import BatchConsumer
 
     out = open(path, "a", buffering=1)  # noqa: SIM115
+    atexit.register(out.close)
 
     def mark(what: str) -> None:
         out.write(f"{time.monotonic():.6f} {what}\n")
 
-    def wrap(cls: Any, name: str) -> None:
-        original = getattr(cls, name)
-
-        @functools.wraps(original)
-        async def wrapped(*args: Any, **kwargs: Any) -> Any:
-            mark(f"{name}+")
-            try:
-                return await original(*args, **kwargs)
-            finally:
-                mark(f"{name}-")
-
-        setattr(cls, name, wrapped)
-
-    wrap(BatchConsumer, "handle")
-    wrap(Dispatcher, "handle_batch")
-    wrap(BatchOpener, "open")
-    wrap(Outcomes, "sent")
-    from service.delivery.ledger.sqlite import SqliteLedger
-    from service.delivery.reminding import Reminding
-
-    for name in ("dead_lettered", "first_start", "sent", "sent_mails", "claim", "record_ticket"):
-        wrap(SqliteLedger, name)
-    wrap(Reminding, "plan")
-    wrap(Reminding, "store")
-    wrap(Dispatcher, "_plan_reminders")
-    wrap(WorkerPool, "build_chunk")
-    import atexit
-
-    atexit.register(out.close)
+    ledger = ("dead_lettered", "first_start", "sent", "sent_mails", "claim", "record_ticket")
+    for cls, name in [
+        (BatchConsumer, "handle"),
+        (Dispatcher, "handle_batch"),
+        (Dispatcher, "_plan_reminders"),
+        (BatchOpener, "open"),
+        (Outcomes, "sent"),
+        (Reminding, "plan"),
+        (Reminding, "store"),
+        (WorkerPool, "build_chunk"),
+        *((SqliteLedger, name) for name in ledger),
+    ]:
+        _around(cls, name, lambda n=name: mark(f"{n}+"), lambda _, n=name: mark(f"{n}-"))
 
 
 def _waits(path: str) -> None:
-    """Probe: per awaited stage, how many calls and their summed wall time, to `path`."""
+    """Probe: per awaited stage, how many calls and their summed wall time, to `path`;
+    for the SQLite thread's work, its CPU time too."""
     import json
     import time
 
     from service.delivery.build import InlineBatch
     from service.delivery.dispatch import Dispatcher
+    from service.delivery.ledger.sqlite import SqliteLedger
     from service.delivery.outcomes import Outcomes
     from service.delivery.sending import Sender
     from service.delivery.smtp import SmtpPool
@@ -145,20 +151,17 @@ def _waits(path: str) -> None:
 
     totals: dict[str, list[float]] = {}
 
-    def wrap(cls: Any, name: str) -> None:
-        original = getattr(cls, name)
-        slot = totals.setdefault(f"{cls.__name__}.{name}", [0, 0.0])
+    def timed(slot: list[float]) -> tuple[Any, Any]:
+        def enter() -> tuple[float, float]:
+            return time.perf_counter(), time.thread_time()
 
-        @functools.wraps(original)
-        async def wrapped(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return await original(*args, **kwargs)
-            finally:
-                slot[0] += 1
-                slot[1] += time.perf_counter() - started
+        def leave(started: tuple[float, float]) -> None:
+            slot[0] += 1
+            slot[1] += time.perf_counter() - started[0]
+            if len(slot) > 2:
+                slot[2] += time.thread_time() - started[1]
 
-        setattr(cls, name, wrapped)
+        return enter, leave
 
     for cls, name in [
         (Dispatcher, "handle_batch"),
@@ -170,38 +173,31 @@ def _waits(path: str) -> None:
         (SmtpPool, "_take"),
         (SmtpPool, "_transact"),
         (Outcomes, "sent"),
+        (SqliteLedger, "_write"),
     ]:
-        wrap(cls, name)
+        _around(cls, name, *timed(totals.setdefault(f"{cls.__name__}.{name}", [0, 0.0])))
 
-    from service.delivery.ledger.sqlite import SqliteLedger
+    # The ledger thread's own work (plain functions run on it): wall and CPU time.
+    for name in ("_transaction", "_write_now"):
+        original = getattr(SqliteLedger, name)
+        enter, leave = timed(
+            totals.setdefault(f"SqliteLedger.{name} (thread: wall, CPU)", [0, 0.0, 0.0])
+        )
 
-    wrap(SqliteLedger, "_write")
-    original_tx = SqliteLedger._transaction
-    tx = totals.setdefault("SqliteLedger._transaction (thread: wall, CPU)", [0, 0.0, 0.0])
+        def in_thread(
+            self: Any,
+            *args: Any,
+            _original: Any = original,
+            _enter: Any = enter,
+            _leave: Any = leave,
+        ) -> Any:
+            started = _enter()
+            try:
+                return _original(self, *args)
+            finally:
+                _leave(started)
 
-    def transaction(self: Any, fn: Any) -> Any:
-        started, cpu = time.perf_counter(), time.thread_time()
-        try:
-            return original_tx(self, fn)
-        finally:
-            tx[0] += 1
-            tx[1] += time.perf_counter() - started
-            tx[2] += time.thread_time() - cpu
-
-    SqliteLedger._transaction = transaction  # type: ignore[method-assign]
-    original_write = SqliteLedger._write_now
-    writes = totals.setdefault("SqliteLedger._write_now (thread: wall, CPU)", [0, 0.0, 0.0])
-
-    def write_now(self: Any, *args: Any) -> Any:
-        started, cpu = time.perf_counter(), time.thread_time()
-        try:
-            return original_write(self, *args)
-        finally:
-            writes[0] += 1
-            writes[1] += time.perf_counter() - started
-            writes[2] += time.thread_time() - cpu
-
-    SqliteLedger._write_now = write_now  # type: ignore[method-assign]
+        setattr(SqliteLedger, name, in_thread)
 
     def dump() -> None:
         while True:
