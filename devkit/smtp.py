@@ -89,7 +89,8 @@ class SmtpRecorder:
     `fail_next(n)` refuses the next n messages at the end of DATA. `stop()`/`start()` take
     the server down and bring it back on the same port. `hold()` makes every RCPT wait
     (unanswered, so no mail can reach its end of DATA) until `release()`; `held_peers`
-    names the client connections waiting there.
+    names the client connections waiting there. EHLO offers PIPELINING unless
+    `pipelining=False`, so the service's fast path is what tests exercise.
 
     Pacing, like a real MTA: each DATA waits `delay` seconds before the message is
     accepted (recorded), then `reply_delay` more before the 250 goes out. A client killed
@@ -104,6 +105,7 @@ class SmtpRecorder:
         *,
         delay: float = 0.0,
         reply_delay: float = 0.0,
+        pipelining: bool = True,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -112,6 +114,9 @@ class SmtpRecorder:
         self.rcpt_refusals = 0  # RCPT commands refused on request
         self.delay = delay  # seconds each DATA waits before it is accepted (a slow server)
         self.reply_delay = reply_delay  # seconds more before an acceptance is answered
+        # Offered in EHLO, as Postfix does: the service's fast path pipelines across mails.
+        # (aiosmtpd reads commands one by one, so it copes with a client that pipelines.)
+        self.pipelining = pipelining
         self._lock = threading.Lock()
         self._rcpt_faults: dict[str, str] = {}
         self._next_rcpt_faults: list[str] = []
@@ -183,6 +188,14 @@ class SmtpRecorder:
         ]
 
     # -- aiosmtpd handler hooks (called in the server's thread) --
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]

@@ -31,8 +31,7 @@ class CountingRecorder(SmtpRecorder):
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         self.sessions += 1
-        session.host_name = hostname
-        return responses
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
 
 
 @pytest.fixture

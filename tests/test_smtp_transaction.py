@@ -7,7 +7,6 @@ import email
 import email.policy
 import pickle
 from collections.abc import Iterator
-from typing import Any
 
 import aiosmtplib
 import pytest
@@ -236,19 +235,9 @@ async def test_garbage_or_a_hang_up_is_connection_lost() -> None:
         await waiting
 
 
-class PipeliningRecorder(SmtpRecorder):
-    """aiosmtpd reads commands one by one, so it copes with pipelining; say so in EHLO."""
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
-
-
 @pytest.fixture(params=["plain", "pipelining"])
 def any_server(request: pytest.FixtureRequest) -> Iterator[SmtpRecorder]:
-    server = PipeliningRecorder() if request.param == "pipelining" else SmtpRecorder()
+    server = SmtpRecorder(pipelining=request.param == "pipelining")
     server.start()
     yield server
     server.stop()
@@ -263,7 +252,7 @@ async def test_lines_starting_with_a_dot_arrive_intact(any_server: SmtpRecorder)
     with pytest.raises(PermanentSmtpError):
         await pool.send("a@x.test", "gone@y.test", body)
     await pool.send("a@x.test", "c@y.test", dot_stuff(body))  # as a worker built it
-    assert pool._idle[0].pipelining is isinstance(smtp_server, PipeliningRecorder)
+    assert [c.pipelining for c in pool._connections] == [smtp_server.pipelining]
     await pool.close()
     assert [m.data for m in smtp_server.messages] == [body, body]
     parsed = email.message_from_bytes(smtp_server.messages[0].data, policy=email.policy.default)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ssl
 import time
@@ -15,13 +16,17 @@ from aiosmtplib import SMTPStatus
 
 from service.core.text import one_line
 from service.delivery.smtp_wire import (
+    END_OF_DATA,
     Payload,
     SmtpReplyError,
     TransactionProtocol,
     Withheld,
     dot_stuff,
+    envelope,
+    expect_envelope,
     send_transaction,
     undo_dot_stuff,
+    write_all_but_last,
 )
 
 Security = Literal["none", "starttls", "tls"]
@@ -80,7 +85,7 @@ class SmtpConfig:
     pipelining: bool = True
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class _Connection:
     """A connection past EHLO/STARTTLS/AUTH: aiosmtplib's, or taken over by our protocol."""
 
@@ -119,18 +124,52 @@ def _short(message: str) -> str:
     return one_line(message, 200)
 
 
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One mail waiting for a connection, or on one."""
+
+    sender: str
+    recipient: str
+    message: bytes
+    may_finish: Callable[[], bool] | None
+    ready: Callable[[], Awaitable[None]] | None
+    done: asyncio.Future[None]
+
+    @property
+    def abandoned(self) -> bool:
+        """Its sender stopped waiting (cancelled), or it is settled already."""
+        return self.done.done()
+
+    def settle(self, error: BaseException | None = None) -> None:
+        if not self.done.done():
+            if error is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(error)
+
+
 class SmtpPool:
-    """Up to `pool_size` connections, opened on demand and reused; a broken one is dropped."""
+    """Up to `pool_size` connections, each served by its own task from one queue of mails.
+
+    On a connection that offers PIPELINING (our fast path), a mail's end of DATA goes out
+    in one write with the next mail's MAIL, RCPT and DATA (RFC 2920 §3.1: message content
+    may open a group), so a busy connection waits one round trip per mail, not two. The
+    next mail's `ready()` is awaited before that write, and the current mail's
+    `may_finish()` right before it, with nothing awaited in between. A mail whose envelope
+    went ahead on a connection that then fails goes back to the head of the queue: without
+    its own content and final dot, the server delivers nothing of it.
+    """
 
     def __init__(self, config: SmtpConfig, observer: PoolObserver | None = None) -> None:
         self._config = config
         self._observer: PoolObserver = observer or _NoObserver()
-        self._idle: list[_Connection] = []
-        self._slots = asyncio.Semaphore(config.pool_size)
-        self._open = 0
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._runners: set[asyncio.Task[None]] = set()
+        self._connections: set[_Connection] = set()
         self._busy = 0
         self._closed = False
-        self._observer.watch_connections(lambda: (self._open, self._busy))
+        self._observer.watch_connections(lambda: (len(self._connections), self._busy))
 
     def _client(self) -> aiosmtplib.SMTP:
         config = self._config
@@ -162,41 +201,23 @@ class SmtpPool:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             # Even a 5xx greeting or refused login is the operator's problem, not the
             # mail's: retry it rather than dead-letter every message.
+            with contextlib.suppress(Exception):
+                client.close()
             raise TransientSmtpError(f"connect: {type(exc).__name__}: {_short(str(exc))}") from exc
         pipelining = client.supports_extension("pipelining")
-        self._open += 1
         if not self._config.pipelining:
-            return _Connection(client, None, pipelining)
-        if client.transport is None:
+            connection = _Connection(client, None, pipelining)
+        elif client.transport is None:
             raise TransientSmtpError("connect: no transport")
-        protocol = TransactionProtocol()
-        protocol.adopt(client.transport)
-        return _Connection(client, protocol, pipelining)
-
-    async def _take(self) -> _Connection:
-        """An idle connection, or a new one, under one of the pool's slots."""
-        await self._slots.acquire()
-        self._busy += 1
-        try:
-            while self._idle:
-                idle = self._idle.pop()
-                if not idle.closed:
-                    return idle
-                self._drop(idle)  # the server hung up while it sat idle
-            return await self._connect()
-        except BaseException:
-            self._give_back(None)
-            raise
-
-    def _give_back(self, connection: _Connection | None) -> None:
-        """The slot, and the connection unless it was dropped (None)."""
-        self._busy -= 1
-        if connection is not None and not self._closed:
-            self._idle.append(connection)
-        self._slots.release()
+        else:
+            protocol = TransactionProtocol()
+            protocol.adopt(client.transport)
+            connection = _Connection(client, protocol, pipelining)
+        self._connections.add(connection)
+        return connection
 
     def _drop(self, connection: _Connection) -> None:
-        self._open -= 1
+        self._connections.discard(connection)
         with contextlib.suppress(Exception):
             if connection.protocol is not None:
                 connection.protocol.close()
@@ -213,25 +234,20 @@ class SmtpPool:
     ) -> None:
         started = time.perf_counter()
         outcome = "error"
+        if self._closed:
+            raise TransientSmtpError("the SMTP pool is closed")
+        job = _Job(
+            sender,
+            recipient,
+            message,
+            may_finish,
+            ready,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(job)
+        self._wake()
         try:
-            connection = await self._take()
-            keep: _Connection | None = connection
-            try:
-                if ready is not None:
-                    try:
-                        await ready()
-                    except BaseException:
-                        outcome = "withheld"  # not this instance's to send now: none written
-                        raise
-                try:
-                    await self._transact(connection, sender, recipient, message, may_finish)
-                except BaseException:
-                    # Mid-pipeline after a refusal, or broken: start afresh next time.
-                    self._drop(connection)
-                    keep = None
-                    raise
-            finally:
-                self._give_back(keep)
+            await job.done
             outcome = "accepted"
         except PermanentSmtpError:
             outcome = "permanent"
@@ -239,49 +255,180 @@ class SmtpPool:
         except TransientSmtpError:
             outcome = "transient"
             raise
-        except Withheld:
-            outcome = "withheld"
+        except Exception:
+            outcome = "withheld"  # Withheld, or what `ready()` raised: nothing was written
             raise
         finally:
             self._observer.send_finished(time.perf_counter() - started, outcome)
 
-    async def _transact(
-        self,
-        connection: _Connection,
-        sender: str,
-        recipient: str,
-        message: bytes,
-        may_finish: Callable[[], bool] | None,
-    ) -> None:
+    def _wake(self) -> None:
+        """An idle runner for the queue's head, or a new one while the pool has room."""
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if len(self._runners) < self._config.pool_size:
+            runner = asyncio.create_task(self._run())
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
+
+    def _next_nowait(self) -> _Job | None:
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.abandoned:
+                return job
+        return None
+
+    async def _next(self) -> _Job | None:
+        """The queue's next mail, waiting idle for one; None once the pool is closed."""
+        while not self._closed:
+            job = self._next_nowait()
+            if job is not None:
+                return job
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
+        return None
+
+    async def _run(self) -> None:
+        """One connection's task: opened on demand, kept while it works, dropped on trouble."""
+        connection: _Connection | None = None
+        try:
+            while (job := await self._next()) is not None:
+                self._busy += 1
+                try:
+                    if connection is not None and connection.closed:
+                        self._drop(connection)  # the server hung up while it sat idle
+                        connection = None
+                    if connection is None:
+                        try:
+                            connection = await self._connect()
+                        except TransientSmtpError as exc:
+                            job.settle(exc)
+                            continue
+                    if connection.protocol is not None and connection.pipelining:
+                        kept = await self._serve_pipelined(connection, connection.protocol, job)
+                    else:
+                        kept = await self._serve_one(connection, job)
+                    if not kept:
+                        connection = None
+                finally:
+                    self._busy -= 1
+        finally:
+            if connection is not None:
+                self._drop(connection)
+            task = asyncio.current_task()
+            if task is not None:
+                self._runners.discard(task)
+            if self._queue and not self._closed:
+                self._wake()  # this task ended early (cancelled): another takes over
+
+    async def _prepare(self, job: _Job) -> bool:
+        """`job.ready()`, with this connection in hand; False (job settled) if it raised."""
+        if job.ready is None:
+            return True
+        try:
+            await job.ready()
+        except Exception as exc:
+            job.settle(exc)  # not this instance's to send now: none of it written
+            return False
+        return not job.abandoned
+
+    async def _serve_one(self, connection: _Connection, job: _Job) -> bool:
+        """One transaction, nothing carried over; whether the connection is kept."""
+        if not await self._prepare(job):
+            return True
         try:
             async with asyncio.timeout(self._config.timeout):
                 if connection.protocol is None:
                     await _plain_transaction(
-                        connection.client, sender, recipient, message, may_finish
+                        connection.client, job.sender, job.recipient, job.message, job.may_finish
                     )
                 else:
                     await send_transaction(
                         connection.protocol,
-                        sender,
-                        recipient,
-                        dot_stuff(message),
+                        job.sender,
+                        job.recipient,
+                        dot_stuff(job.message),
                         connection.pipelining,
-                        may_finish,
+                        job.may_finish,
                     )
-        except SmtpReplyError as exc:
-            raise _classify(exc.code, exc.text) from exc
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = exc.recipients[0]
-            raise _classify(refused.code, refused.message) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _classify(exc.code, exc.message) from exc
-        except aiosmtplib.SMTPException as exc:
-            raise TransientSmtpError(f"{type(exc).__name__}: {_short(str(exc))}") from exc
-        except ValueError as exc:
-            # An address that cannot be put on the wire safely.
-            raise PermanentSmtpError(553, _short(str(exc))) from exc
-        except (OSError, TimeoutError) as exc:
-            raise TransientSmtpError(f"{type(exc).__name__}: {_short(str(exc))}") from exc
+        except BaseException as exc:
+            # Mid-pipeline after a refusal, or broken: start afresh next time.
+            self._drop(connection)
+            job.settle(_classified(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        job.settle()
+        return True
+
+    async def _serve_pipelined(
+        self, connection: _Connection, protocol: TransactionProtocol, job: _Job
+    ) -> bool:
+        """`job`, then the mails it carries on this connection; whether it is kept."""
+        current: _Job | None = job
+        envelope_written = False
+        carried: _Job | None = None
+        try:
+            while current is not None:
+                if not envelope_written:
+                    if not await self._prepare(current):
+                        current = self._next_nowait()
+                        continue
+                    try:
+                        protocol.write(envelope(current.sender, current.recipient))
+                    except ValueError as exc:
+                        current.settle(_classified(exc))  # nothing written
+                        current = self._next_nowait()
+                        continue
+                async with asyncio.timeout(self._config.timeout):
+                    await expect_envelope(protocol)
+                    last = await write_all_but_last(protocol, dot_stuff(current.message))
+                carried = self._next_nowait() if not self._closed else None
+                carry = b""
+                if carried is not None:
+                    if not await self._prepare(carried):
+                        carried = None
+                    else:
+                        try:
+                            carry = envelope(carried.sender, carried.recipient)
+                        except ValueError as exc:
+                            carried.settle(_classified(exc))
+                            carried = None
+                # The fence: nothing awaited between this check and the write that ends
+                # the mail.
+                if current.abandoned or (
+                    current.may_finish is not None and not current.may_finish()
+                ):
+                    protocol.abort()  # unfinished: the server discards it (§4.1.1.4)
+                    current.settle(Withheld())
+                    self._requeue(carried)
+                    self._drop(connection)
+                    return False
+                protocol.write(last + END_OF_DATA + carry)
+                async with asyncio.timeout(self._config.timeout):
+                    code, text = await protocol.reply()
+                if code // 100 != SMTPStatus.completed // 100:
+                    raise SmtpReplyError(code, text)
+                current.settle()
+                current, carried, envelope_written = carried, None, carried is not None
+        except BaseException as exc:
+            self._drop(connection)
+            if current is not None:
+                current.settle(_classified(exc))
+            self._requeue(carried)
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        return True
+
+    def _requeue(self, job: _Job | None) -> None:
+        """Back to the head of the queue: its envelope may be out, but nothing more."""
+        if job is not None and not job.abandoned:
+            self._queue.appendleft(job)
+            self._wake()
 
     async def ping(self) -> bool:
         """Whether the server answers a fresh connection with a greeting and NOOP."""
@@ -297,10 +444,22 @@ class SmtpPool:
         return True
 
     async def close(self) -> None:
+        """Idle connections close now, busy ones after their mail; queued mails fail."""
         self._closed = True
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            self._drop(connection)
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        while self._queue:
+            self._queue.popleft().settle(TransientSmtpError("the SMTP pool is closed"))
+        runners = set(self._runners)
+        if runners:
+            # Idle ones end at once; a busy one gets a moment to finish its mail.
+            _, late = await asyncio.wait(runners, timeout=min(1.0, self._config.timeout))
+            for runner in late:
+                runner.cancel()
+            if late:
+                await asyncio.wait(late)
 
 
 async def _plain_transaction(
@@ -323,6 +482,27 @@ async def _plain_transaction(
     if recipient in errors:
         code, text = errors[recipient]
         raise SmtpReplyError(code, text)
+
+
+def _classified(exc: BaseException) -> BaseException:
+    """What the sender of a mail learns from what went wrong with its transaction."""
+    if isinstance(exc, (TransientSmtpError, PermanentSmtpError, Withheld)):
+        return exc
+    if isinstance(exc, SmtpReplyError):
+        return _classify(exc.code, exc.text)
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        refused = exc.recipients[0]
+        return _classify(refused.code, refused.message)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return _classify(exc.code, exc.message)
+    if isinstance(exc, ValueError):
+        # An address that cannot be put on the wire safely.
+        return PermanentSmtpError(553, _short(str(exc)))
+    if isinstance(exc, (aiosmtplib.SMTPException, OSError, TimeoutError)):
+        return TransientSmtpError(f"{type(exc).__name__}: {_short(str(exc))}")
+    if isinstance(exc, Exception):
+        return exc
+    return TransientSmtpError(f"interrupted: {type(exc).__name__}")  # the pool is closing
 
 
 def _classify(code: int, message: str) -> Exception:

@@ -203,6 +203,36 @@ def envelope_address(address: str) -> bytes:
     return f"<{address}>".encode("ascii")
 
 
+def envelope(sender: str, recipient: str) -> bytes:
+    """MAIL, RCPT and DATA, as one pipelined group (RFC 2920 §3.1: DATA is its last)."""
+    return (
+        b"MAIL FROM:" + envelope_address(sender) + b"\r\nRCPT TO:" + envelope_address(recipient)
+    ) + b"\r\nDATA\r\n"
+
+
+# MAIL and RCPT succeed with any 2xx (251 forwards), DATA asks for input with 354.
+_ENVELOPE_REPLIES = (2, 2, SMTPStatus.start_input // 100)
+
+
+async def expect_envelope(protocol: TransactionProtocol) -> None:
+    """Read the three replies to a pipelined envelope; raise the first refusal."""
+    replies = [await protocol.reply() for _ in _ENVELOPE_REPLIES]
+    for (code, text), wanted in zip(replies, _ENVELOPE_REPLIES, strict=True):
+        if code // 100 != wanted:
+            raise SmtpReplyError(code, text)
+
+
+async def write_all_but_last(protocol: TransactionProtocol, payload: bytes) -> bytes:
+    """Write a payload's pieces but its last, each once the transport has drained; return
+    the last one, which ends the mail when written with END_OF_DATA."""
+    view = memoryview(payload)
+    last = max(0, (len(view) - 1) // WRITE_CHUNK * WRITE_CHUNK)  # where the last piece starts
+    for start in range(0, last, WRITE_CHUNK):
+        protocol.write(view[start : start + WRITE_CHUNK])
+        await protocol.drain()
+    return bytes(view[last:])
+
+
 async def send_transaction(
     protocol: TransactionProtocol,
     sender: str,
@@ -221,34 +251,26 @@ async def send_transaction(
     After a refusal the connection is in an unknown state mid-pipeline: the caller drops
     it rather than trying RSET, which costs one reconnect on a rare event.
     """
-    mail = b"MAIL FROM:" + envelope_address(sender) + b"\r\n"
-    rcpt = b"RCPT TO:" + envelope_address(recipient) + b"\r\n"
-    # MAIL and RCPT succeed with any 2xx (251 forwards), DATA asks for input with 354.
-    expected = ((mail, 2), (rcpt, 2), (b"DATA\r\n", SMTPStatus.start_input // 100))
     if pipelining:
-        # RFC 2920 §3.1: MAIL, RCPT and DATA may go in one batch; DATA is the last.
-        protocol.write(b"".join(command for command, _ in expected))
-        replies = [await protocol.reply() for _ in expected]
+        protocol.write(envelope(sender, recipient))
+        await expect_envelope(protocol)
     else:
-        replies = []
-        for command, _ in expected:
+        commands = (
+            b"MAIL FROM:" + envelope_address(sender) + b"\r\n",
+            b"RCPT TO:" + envelope_address(recipient) + b"\r\n",
+            b"DATA\r\n",
+        )
+        for command, wanted in zip(commands, _ENVELOPE_REPLIES, strict=True):
             protocol.write(command)
-            replies.append(await protocol.reply())
-            if replies[-1][0] >= SMTPStatus.domain_unavailable:  # any 4xx or 5xx
-                break
-    for (code, text), (_, wanted) in zip(replies, expected, strict=False):
-        if code // 100 != wanted:
-            raise SmtpReplyError(code, text)
-    view = memoryview(payload)
-    last = max(0, (len(view) - 1) // WRITE_CHUNK * WRITE_CHUNK)  # where the last piece starts
-    for start in range(0, last, WRITE_CHUNK):
-        protocol.write(view[start : start + WRITE_CHUNK])
-        await protocol.drain()
+            code, text = await protocol.reply()
+            if code // 100 != wanted:
+                raise SmtpReplyError(code, text)
+    last = await write_all_but_last(protocol, payload)
     if may_finish is not None and not may_finish():
         protocol.abort()
         raise Withheld
     # The last piece and the end of DATA in one write (one segment for most mails).
-    protocol.write(bytes(view[last:]) + END_OF_DATA)
+    protocol.write(last + END_OF_DATA)
     code, text = await protocol.reply()
     if code // 100 != SMTPStatus.completed // 100:
         raise SmtpReplyError(code, text)
