@@ -313,6 +313,12 @@ class SmtpPool:
                         kept = await self._serve_one(connection, job)
                     if not kept:
                         connection = None
+                except Exception as exc:
+                    # A fault of ours must not leave the sender waiting for ever.
+                    job.settle(exc)
+                    if connection is not None:
+                        self._drop(connection)
+                        connection = None
                 finally:
                     self._busy -= 1
         finally:
@@ -426,9 +432,13 @@ class SmtpPool:
 
     def _requeue(self, job: _Job | None) -> None:
         """Back to the head of the queue: its envelope may be out, but nothing more."""
-        if job is not None and not job.abandoned:
-            self._queue.appendleft(job)
-            self._wake()
+        if job is None or job.abandoned:
+            return
+        if self._closed:
+            job.settle(TransientSmtpError("the SMTP pool is closed"))
+            return
+        self._queue.appendleft(job)
+        self._wake()
 
     async def ping(self) -> bool:
         """Whether the server answers a fresh connection with a greeting and NOOP."""
