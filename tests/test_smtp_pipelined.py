@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from service.delivery.smtp import SmtpConfig, SmtpPool, TransientSmtpError
+from service.delivery.smtp import PermanentSmtpError, SmtpConfig, SmtpPool, TransientSmtpError
 from service.delivery.smtp_wire import Withheld
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
@@ -206,4 +206,22 @@ async def test_what_ready_raises_reaches_its_sender_and_the_mail_ahead_is_delive
     assert results[2] is None
     assert isinstance(results[1], LookupError)
     assert raw.delivered == ["u0@y.test", "u2@y.test"]
+    assert raw.connections == 1
+
+
+async def test_an_unwritable_address_behind_a_mail_fails_alone(raw: RawServer) -> None:
+    pool = one_connection(raw)
+    results = await asyncio.gather(
+        pool.send("a@x.test", "u0@y.test", MESSAGE),
+        pool.send("a@x.test", "u1@y.test\r\nRCPT TO:<evil@z.test>", MESSAGE),
+        pool.send("a@x.test", "u2@y.test", MESSAGE),
+        return_exceptions=True,
+    )
+    await pool.close()
+    assert isinstance(results[1], PermanentSmtpError)
+    assert results[1].code == 553
+    assert results[0] is None
+    assert results[2] is None
+    assert raw.delivered == ["u0@y.test", "u2@y.test"]
+    assert not any("evil" in what for _, what in raw.log)
     assert raw.connections == 1

@@ -3,7 +3,9 @@
 aiosmtplib does the connection set-up (greeting, EHLO, STARTTLS, AUTH); then this protocol
 takes the transport over. It sends MAIL, RCPT and DATA in one write when the server offers
 PIPELINING, dot-stuffs with one bytes.replace, and waits under one timeout per transaction:
-a fraction of aiosmtplib's CPU per mail (benchmarks/README.md has the figures). The adoption
+a fraction of aiosmtplib's CPU per mail (benchmarks/README.md has the figures). Its
+pieces (`envelope`, `expect_envelope`, `write_all_but_last`) also let the pool write one
+mail's end with the next mail's envelope (service/delivery/smtp.py). The adoption
 relies on aiosmtplib exposing its transport; tests/test_smtp_transaction.py fails loudly if a
 new aiosmtplib stops allowing it, and NOTIFY_SMTP_PIPELINING=false uses plain aiosmtplib.
 """
@@ -205,9 +207,10 @@ def envelope_address(address: str) -> bytes:
 
 def envelope(sender: str, recipient: str) -> bytes:
     """MAIL, RCPT and DATA, as one pipelined group (RFC 2920 §3.1: DATA is its last)."""
-    return (
-        b"MAIL FROM:" + envelope_address(sender) + b"\r\nRCPT TO:" + envelope_address(recipient)
-    ) + b"\r\nDATA\r\n"
+    return b"MAIL FROM:%s\r\nRCPT TO:%s\r\nDATA\r\n" % (
+        envelope_address(sender),
+        envelope_address(recipient),
+    )
 
 
 # MAIL and RCPT succeed with any 2xx (251 forwards), DATA asks for input with 354.
