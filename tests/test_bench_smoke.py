@@ -56,3 +56,15 @@ def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert {"c_over_a", "c_over_b", "c_over_source"} <= results["summary"].keys()
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     assert "(c) service" in done.stdout
+
+
+def test_link_smoke() -> None:
+    """The pool over a delaying relay, this checkout against itself (benchmarks/link.py):
+    every mail reaches smtp-sink, through the relay and without it."""
+    cmd = [sys.executable, "-m", "benchmarks.link", "--baseline", str(REPO)]
+    cmd += ["--rtt-ms", "0,1", "--mails", "30", "--rounds", "1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RTT ")]
+    assert [line.split(",")[0] for line in lines] == ["RTT 0 ms", "RTT 1 ms"]
+    assert all("this / baseline" in line for line in lines)
