@@ -225,3 +225,36 @@ async def test_an_unwritable_address_behind_a_mail_fails_alone(raw: RawServer) -
     assert raw.delivered == ["u0@y.test", "u2@y.test"]
     assert not any("evil" in what for _, what in raw.log)
     assert raw.connections == 1
+
+
+async def test_close_fails_queued_mails_and_leaves_no_task_behind(raw: RawServer) -> None:
+    raw.end_delay = 0.2
+    pool = one_connection(raw)
+    sends = [
+        asyncio.ensure_future(pool.send("a@x.test", f"u{i}@y.test", MESSAGE)) for i in range(4)
+    ]
+    await raw.rcpt["u1@y.test"].wait()  # u0's end is out, u1 carried; u2 and u3 queued
+    await pool.close()
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    # A busy connection finishes the mail it ended and the one it carries, no more.
+    assert results[:2] == [None, None]
+    assert all(isinstance(r, TransientSmtpError) for r in results[2:]), results
+    assert raw.delivered == ["u0@y.test", "u1@y.test"]
+    assert not pool._runners
+    assert not pool._connections
+    with pytest.raises(TransientSmtpError, match="closed"):
+        await pool.send("a@x.test", "late@y.test", MESSAGE)
+
+
+async def test_close_stops_a_connection_stuck_on_a_slow_server(raw: RawServer) -> None:
+    raw.end_delay = 3.0
+    pool = one_connection(raw)
+    send = asyncio.ensure_future(pool.send("a@x.test", "u0@y.test", MESSAGE))
+    await raw.rcpt["u0@y.test"].wait()
+    started = time.monotonic()
+    await pool.close()
+    assert time.monotonic() - started < 2.5  # a second's grace, not the server's three
+    with pytest.raises(TransientSmtpError, match="interrupted"):
+        await send
+    assert not pool._runners
+    assert not pool._connections
