@@ -271,7 +271,12 @@ class SmtpPool:
         if len(self._runners) < self._config.pool_size:
             runner = asyncio.create_task(self._run())
             self._runners.add(runner)
-            runner.add_done_callback(self._runners.discard)
+            runner.add_done_callback(self._runner_ended)
+
+    def _runner_ended(self, runner: asyncio.Task[None]) -> None:
+        self._runners.discard(runner)
+        if self._queue and not self._closed:
+            self._wake()  # it ended early (cancelled): another takes over
 
     def _next_nowait(self) -> _Job | None:
         while self._queue:
@@ -324,11 +329,6 @@ class SmtpPool:
         finally:
             if connection is not None:
                 self._drop(connection)
-            task = asyncio.current_task()
-            if task is not None:
-                self._runners.discard(task)
-            if self._queue and not self._closed:
-                self._wake()  # this task ended early (cancelled): another takes over
 
     async def _prepare(self, job: _Job) -> bool:
         """`job.ready()`, with this connection in hand; False (job settled) if it raised."""
