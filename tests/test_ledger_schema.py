@@ -66,6 +66,20 @@ async def test_instances_starting_together_migrate_once(url: str) -> None:
         await ledger.close()
 
 
+async def test_sqlite_files_opened_together_all_switch_to_wal(tmp_path: Path) -> None:
+    """Three instances opening one new file race to switch it to WAL; SQLite may refuse
+    one at once ("database is locked"). Without the wait, about one round in six failed."""
+    for i in range(40):
+        ledgers = await asyncio.gather(
+            *(opened(f"sqlite:///{tmp_path}/race{i}.sqlite3") for _ in range(3))
+        )
+        for ledger in ledgers:
+            await ledger.close()
+        conn = sqlite3.connect(tmp_path / f"race{i}.sqlite3")
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        conn.close()
+
+
 def make_v1(path: Path) -> None:
     """A ledger file as version 1 of the service wrote it."""
     conn = sqlite3.connect(path)
