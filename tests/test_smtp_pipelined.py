@@ -258,3 +258,16 @@ async def test_close_stops_a_connection_stuck_on_a_slow_server(raw: RawServer) -
         await send
     assert not pool._runners
     assert not pool._connections
+
+
+async def test_close_settles_a_mail_whose_connection_is_still_being_opened() -> None:
+    """A server that accepts but never greets: the runner is cut while connecting."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    pool = SmtpPool(SmtpConfig(host="127.0.0.1", port=port, timeout=30, pool_size=1))
+    send = asyncio.ensure_future(pool.send("a@x.test", "u0@y.test", MESSAGE))
+    await asyncio.sleep(0.1)  # the runner waits for a greeting that never comes
+    await pool.close()
+    with pytest.raises(TransientSmtpError, match="interrupted"):
+        await asyncio.wait_for(send, 5)
+    silent.close()

@@ -318,12 +318,15 @@ class SmtpPool:
                         kept = await self._serve_one(connection, job)
                     if not kept:
                         connection = None
-                except Exception as exc:
-                    # A fault of ours must not leave the sender waiting for ever.
-                    job.settle(exc)
+                except BaseException as exc:
+                    # A fault of ours, or the pool cut short while connecting, must not
+                    # leave the sender waiting for ever.
+                    job.settle(exc if isinstance(exc, Exception) else _classified(exc))
                     if connection is not None:
                         self._drop(connection)
                         connection = None
+                    if not isinstance(exc, Exception):
+                        raise
                 finally:
                     self._busy -= 1
         finally:
