@@ -495,7 +495,9 @@ async def test_zombie_instance_wakes_after_its_lease(scale_run: ScaleRun) -> Non
     )
     assert_clean(report, problems, run.logs)
     assert held, "the zombie had no transaction under way when frozen: nothing to fence"
-    assert in_flight > len(held) >= 1, f"in flight {in_flight}, held {len(held)}"
+    # Usually more are queued behind the held ones, but an instance caught at the tail of
+    # its batch may have only the held mail in flight: the fence is tested either way.
+    assert in_flight >= len(held) >= 1, f"in flight {in_flight}, held {len(held)}"
     assert taken_over > 0, "nobody sent what the zombie had claimed: the fence was not tested"
     # Its queued notifications had their lease checked before the end of DATA: dropped.
     assert fenced >= 1, "no send was withheld by the lease check after the wake"
