@@ -344,6 +344,17 @@ class SmtpPool:
             return False
         return not job.abandoned
 
+    async def _envelope(self, job: _Job) -> bytes | None:
+        """`job`'s MAIL, RCPT and DATA once `ready()` let it go; None (job settled, nothing
+        written) if it did not, or if an address cannot be written."""
+        if not await self._prepare(job):
+            return None
+        try:
+            return envelope(job.sender, job.recipient)
+        except ValueError as exc:
+            job.settle(_classified(exc))
+            return None
+
     async def _serve_one(self, connection: _Connection, job: _Job) -> bool:
         """One transaction, nothing carried over; whether the connection is kept."""
         if not await self._prepare(job):
@@ -383,29 +394,20 @@ class SmtpPool:
         try:
             while current is not None:
                 if not envelope_written:
-                    if not await self._prepare(current):
+                    head = await self._envelope(current)
+                    if head is None:
                         current = self._next_nowait()
                         continue
-                    try:
-                        protocol.write(envelope(current.sender, current.recipient))
-                    except ValueError as exc:
-                        current.settle(_classified(exc))  # nothing written
-                        current = self._next_nowait()
-                        continue
+                    protocol.write(head)
                 async with asyncio.timeout(self._config.timeout):
                     await expect_envelope(protocol)
                     last = await write_all_but_last(protocol, dot_stuff(current.message))
                 carried = self._next_nowait() if not self._closed else None
-                carry = b""
+                carry: bytes | None = None
                 if carried is not None:
-                    if not await self._prepare(carried):
+                    carry = await self._envelope(carried)
+                    if carry is None:
                         carried = None
-                    else:
-                        try:
-                            carry = envelope(carried.sender, carried.recipient)
-                        except ValueError as exc:
-                            carried.settle(_classified(exc))
-                            carried = None
                 # The fence: nothing awaited between this check and the write that ends
                 # the mail.
                 if current.abandoned or (
@@ -416,7 +418,7 @@ class SmtpPool:
                     self._requeue(carried)
                     self._drop(connection)
                     return False
-                protocol.write(last + END_OF_DATA + carry)
+                protocol.write(last + END_OF_DATA + (carry or b""))
                 async with asyncio.timeout(self._config.timeout):
                     code, text = await protocol.reply()
                 if code // 100 != SMTPStatus.completed // 100:
