@@ -13,8 +13,9 @@ patches the service in this process only:
 - `no-css-inline`: skip css-inline (NOT equivalent output: only to size its cost);
 - `timeline=PATH`: a line per stage of each batch (`handle_batch+`, `claim-`, …) and per
   mail sent, with its monotonic time, appended to PATH (a probe: the writes cost time);
-- `waits=PATH`: per awaited stage (building, a connection, the transaction, the record,
-  the SQLite thread's work) its calls and summed wall time, as JSON, every second;
+- `waits=PATH`: per awaited stage (building, a mail's SMTP send with its wait for a
+  connection, the record, the SQLite thread's work) its calls and summed wall time, as
+  JSON, every second;
 - `switch-interval=S`: `sys.setswitchinterval(S)` (the GIL's hand-over interval);
 - `uvloop`: uvloop's event loop, as `notifier run` has it (this launcher's default is
   asyncio's).
@@ -170,8 +171,7 @@ def _waits(path: str) -> None:
         (Sender, "_build"),
         (PooledBatch, "build"),
         (InlineBatch, "attach"),
-        (SmtpPool, "_take"),
-        (SmtpPool, "_transact"),
+        (SmtpPool, "send"),
         (Outcomes, "sent"),
         (SqliteLedger, "_write"),
     ]:

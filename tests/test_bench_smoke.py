@@ -68,3 +68,17 @@ def test_link_smoke() -> None:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RTT ")]
     assert [line.split(",")[0] for line in lines] == ["RTT 0 ms", "RTT 1 ms"]
     assert all("this / baseline" in line for line in lines)
+
+
+def test_the_launcher_s_probes_still_find_what_they_patch(tmp_path: Path) -> None:
+    """`benchmarks.run --experiments` patches service methods by name (benchmarks/serve.py):
+    a renamed method must fail here, not in the middle of someone's measurement. Run in a
+    child process, since the patches are global."""
+    code = (
+        "import sys; from benchmarks import serve\n"
+        "serve._waits(sys.argv[1]); serve._timeline(sys.argv[2])\n"
+        "serve._no_css_inline(); serve._batch_timeout(5)\n"
+    )
+    cmd = [sys.executable, "-c", code, str(tmp_path / "waits"), str(tmp_path / "timeline")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
