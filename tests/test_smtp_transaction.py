@@ -1,4 +1,5 @@
-"""The pipelined SMTP transaction: dot-stuffing, reply parsing, refusals, real servers."""
+"""The SMTP wire: dot-stuffing, reply parsing, the one-command-at-a-time transaction,
+refusals, real servers (the pool's pipelined path: also tests/test_smtp_pipelined.py)."""
 
 from __future__ import annotations
 
@@ -115,33 +116,38 @@ def wired() -> tuple[TransactionProtocol, FakeTransport]:
     return protocol, transport
 
 
-async def test_pipelined_transaction_writes_once_and_reads_in_order() -> None:
+async def test_a_transaction_writes_each_command_after_the_reply_before_it() -> None:
     protocol, transport = wired()
-    protocol.data_received(b"250 ok\r\n250-first\r\n250 second\r\n354 go\r\n")
-    task = asyncio.create_task(
-        send_transaction(protocol, "a@x.test", "b@y.test", b"p\r\n", pipelining=True)
-    )
-    await asyncio.sleep(0)
-    protocol.data_received(b"250 queued\r\n")
+    task = asyncio.create_task(send_transaction(protocol, "a@x.test", "b@y.test", b"p\r\n"))
+    script = [
+        (b"MAIL FROM:<a@x.test>\r\n", b"250 ok\r\n"),
+        (b"RCPT TO:<b@y.test>\r\n", b"250 ok\r\n"),
+        (b"DATA\r\n", b"354 go\r\n"),
+        (b"p\r\n.\r\n", b"250 queued\r\n"),
+    ]
+    written = b""
+    for command, reply in script:
+        await asyncio.sleep(0)
+        written += command
+        assert bytes(transport.written) == written  # nothing more before its reply
+        protocol.data_received(reply)
     await task
-    assert bytes(transport.written) == (
-        b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\np\r\n.\r\n"
-    )
 
 
-async def test_refused_recipient_raises_its_code() -> None:
-    protocol, _ = wired()
-    protocol.data_received(b"250 ok\r\n550 5.1.1 no such user\r\n554 no valid recipients\r\n")
+async def test_a_refused_recipient_raises_its_code_and_stops_there() -> None:
+    protocol, transport = wired()
+    protocol.data_received(b"250 ok\r\n550 5.1.1 no such user\r\n")
     with pytest.raises(SmtpReplyError) as caught:
-        await send_transaction(protocol, "a@x.test", "b@y.test", b"", pipelining=True)
+        await send_transaction(protocol, "a@x.test", "b@y.test", b"")
     assert caught.value.code == 550
+    assert bytes(transport.written) == b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
 
 
-async def test_without_pipelining_stops_at_the_first_refusal() -> None:
+async def test_a_refused_sender_stops_at_the_first_command() -> None:
     protocol, transport = wired()
     protocol.data_received(b"451 busy\r\n")
     with pytest.raises(SmtpReplyError) as caught:
-        await send_transaction(protocol, "a@x.test", "b@y.test", b"", pipelining=False)
+        await send_transaction(protocol, "a@x.test", "b@y.test", b"")
     assert caught.value.code == 451
     assert bytes(transport.written) == b"MAIL FROM:<a@x.test>\r\n"
 
@@ -151,9 +157,7 @@ async def test_a_large_mail_waits_for_the_transport_to_drain() -> None:
     protocol.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
     payload = b"x" * (WRITE_CHUNK * 3)
     protocol.pause_writing()  # the transport's buffer is above its high-water mark
-    task = asyncio.create_task(
-        send_transaction(protocol, "a@x.test", "b@y.test", payload, pipelining=True)
-    )
+    task = asyncio.create_task(send_transaction(protocol, "a@x.test", "b@y.test", payload))
     for _ in range(5):
         await asyncio.sleep(0)
     head = len(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
@@ -171,7 +175,7 @@ async def test_a_mail_the_caller_withholds_at_the_end_is_not_finished() -> None:
     protocol.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
     with pytest.raises(Withheld):
         await send_transaction(
-            protocol, "a@x.test", "b@y.test", b"body\r\n", pipelining=True, may_finish=lambda: False
+            protocol, "a@x.test", "b@y.test", b"body\r\n", may_finish=lambda: False
         )
     # Neither the mail's last piece (here all of it) nor the end of DATA was written.
     assert bytes(transport.written).endswith(b"DATA\r\n")
@@ -183,9 +187,7 @@ async def test_a_large_mail_withheld_at_the_end_stops_before_its_last_piece() ->
     protocol.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
     payload = b"a" * WRITE_CHUNK + b"b" * 10
     with pytest.raises(Withheld):
-        await send_transaction(
-            protocol, "a@x.test", "b@y.test", payload, pipelining=True, may_finish=lambda: False
-        )
+        await send_transaction(protocol, "a@x.test", "b@y.test", payload, may_finish=lambda: False)
     assert bytes(transport.written).endswith(b"DATA\r\n" + b"a" * WRITE_CHUNK)
     assert transport.aborted
 
@@ -271,3 +273,16 @@ def test_the_fast_path_runs_on_uvloop(any_server: SmtpRecorder) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(send())
     assert [m.data for m in any_server.messages] == [b"Subject: uv\r\n\r\n.dot\r\n"]
+
+
+async def test_a_mail_of_many_pieces_arrives_whole(any_server: SmtpRecorder) -> None:
+    # Written in WRITE_CHUNK pieces (the last with the end of DATA, and on a PIPELINING
+    # server with the next mail's envelope): the server gets each mail intact.
+    pool = SmtpPool(SmtpConfig(host="127.0.0.1", port=any_server.port, timeout=5, pool_size=1))
+    line = b"." + b"x" * 70 + b"\r\n"
+    bodies = [
+        b"Subject: big %d\r\n\r\n" % i + line * (WRITE_CHUNK * 3 // len(line) + i) for i in range(3)
+    ]
+    await asyncio.gather(*(pool.send("a@x.test", f"u{i}@y.test", b) for i, b in enumerate(bodies)))
+    await pool.close()
+    assert sorted(m.data for m in any_server.messages) == sorted(bodies)

@@ -371,11 +371,10 @@ class SmtpPool:
                         job.sender,
                         job.recipient,
                         dot_stuff(job.message),
-                        connection.pipelining,
                         job.may_finish,
                     )
         except BaseException as exc:
-            # Mid-pipeline after a refusal, or broken: start afresh next time.
+            # After a refusal, or broken: start afresh next time.
             self._drop(connection)
             job.settle(_classified(exc))
             if not isinstance(exc, Exception):

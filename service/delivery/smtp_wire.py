@@ -1,13 +1,15 @@
-"""One SMTP mail transaction, pipelined (RFC 2920), on a connection aiosmtplib opened.
+"""SMTP mail transactions on a connection aiosmtplib opened, without aiosmtplib's per-command cost.
 
 aiosmtplib does the connection set-up (greeting, EHLO, STARTTLS, AUTH); then this protocol
-takes the transport over. It sends MAIL, RCPT and DATA in one write when the server offers
-PIPELINING, dot-stuffs with one bytes.replace, and waits under one timeout per transaction:
-a fraction of aiosmtplib's CPU per mail (benchmarks/README.md has the figures). Its
-pieces (`envelope`, `expect_envelope`, `write_all_but_last`) also let the pool write one
-mail's end with the next mail's envelope (service/delivery/smtp.py). The adoption
-relies on aiosmtplib exposing its transport; tests/test_smtp_transaction.py fails loudly if a
-new aiosmtplib stops allowing it, and NOTIFY_SMTP_PIPELINING=false uses plain aiosmtplib.
+takes the transport over, dot-stuffs with one bytes.replace, and waits under one timeout
+per transaction: a fraction of aiosmtplib's CPU per mail (benchmarks/README.md has the
+figures). When the server offers PIPELINING (RFC 2920), the pool writes MAIL, RCPT and DATA
+as one group and one mail's end together with the next mail's envelope, from the pieces
+here (`envelope`, `expect_envelope`, `write_all_but_last`; service/delivery/smtp.py);
+`send_transaction` is the one-command-at-a-time transaction for servers that do not offer
+it. The adoption relies on aiosmtplib exposing its transport;
+tests/test_smtp_transaction.py fails loudly if a new aiosmtplib stops allowing it, and
+NOTIFY_SMTP_PIPELINING=false uses plain aiosmtplib.
 """
 
 from __future__ import annotations
@@ -241,33 +243,29 @@ async def send_transaction(
     sender: str,
     recipient: str,
     payload: bytes,
-    pipelining: bool,
     may_finish: Callable[[], bool] | None = None,
 ) -> None:
-    """MAIL, RCPT, DATA and the payload (already dot-stuffed); raise on any refusal.
+    """MAIL, RCPT, DATA (each awaiting its reply: a server without PIPELINING) and the
+    payload (already dot-stuffed); raise on any refusal.
 
     `may_finish` is asked right before the end of DATA, the moment the server takes the
     mail: if it says no, the connection is dropped unfinished (the server discards the
     message, RFC 5321 §4.1.1.4) and Withheld is raised. Nothing else is awaited between that
     check and the write of the five bytes that end the mail.
 
-    After a refusal the connection is in an unknown state mid-pipeline: the caller drops
-    it rather than trying RSET, which costs one reconnect on a rare event.
+    After a refusal the caller drops the connection rather than trying RSET, which costs
+    one reconnect on a rare event.
     """
-    if pipelining:
-        protocol.write(envelope(sender, recipient))
-        await expect_envelope(protocol)
-    else:
-        commands = (
-            b"MAIL FROM:" + envelope_address(sender) + b"\r\n",
-            b"RCPT TO:" + envelope_address(recipient) + b"\r\n",
-            b"DATA\r\n",
-        )
-        for command, wanted in zip(commands, _ENVELOPE_REPLIES, strict=True):
-            protocol.write(command)
-            code, text = await protocol.reply()
-            if code // 100 != wanted:
-                raise SmtpReplyError(code, text)
+    commands = (
+        b"MAIL FROM:" + envelope_address(sender) + b"\r\n",
+        b"RCPT TO:" + envelope_address(recipient) + b"\r\n",
+        b"DATA\r\n",
+    )
+    for command, wanted in zip(commands, _ENVELOPE_REPLIES, strict=True):
+        protocol.write(command)
+        code, text = await protocol.reply()
+        if code // 100 != wanted:
+            raise SmtpReplyError(code, text)
     last = await write_all_but_last(protocol, payload)
     if may_finish is not None and not may_finish():
         protocol.abort()
