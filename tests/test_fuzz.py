@@ -34,6 +34,7 @@ from service.core.mime import addr_spec
 from service.core.render import Renderer
 from service.core.routing import Kind, Notification, RoutingPolicy, route
 from service.delivery.attachments import guess_type
+from service.delivery.smtp_wire import dot_stuff
 from service.runtime.settings import default_templates_dir
 from tests.strategies import activities, activity_events, texts, wire_activity_pairs, wire_events
 
@@ -110,16 +111,25 @@ def deliver(event: ActivityEvent) -> int:
 
 def build_and_check(n: Notification, sender: str = SENDER) -> None:
     """Render and build one mail, then check the message."""
-    data = build_message(
-        n,
-        RENDERER.render(n),
-        sender=sender,
-        reply_to=REPLY_TO,
-        domain=DOMAIN,
-        attachments=attachments_for(n),
-        date=WHEN,
-    )
+    mail, files = RENDERER.render(n), attachments_for(n)
+
+    def build(dot_stuffed: bool) -> bytes:
+        return build_message(
+            n,
+            mail,
+            sender=sender,
+            reply_to=REPLY_TO,
+            domain=DOMAIN,
+            attachments=files,
+            date=WHEN,
+            dot_stuffed=dot_stuffed,
+        )
+
+    data = build(dot_stuffed=False)
     check_message(data, n)
+    # What a render worker hands the SMTP pool: only the bodies stuffed, yet the same bytes
+    # as the whole message stuffed.
+    assert build(dot_stuffed=True) == dot_stuff(data)
 
 
 def parse_or_none(value: bytes | None, headers: Mapping[str, bytes | str]) -> ActivityEvent | None:

@@ -27,6 +27,7 @@ from service.core.mime import html_body, media_type, safe_filename, text_body
 from service.core.render import RenderedMail
 from service.core.routing import Kind
 from service.core.text import one_line as clean
+from service.delivery.smtp_wire import dot_stuff
 
 DOMAIN = "helpdesk.test"
 WHEN = dt.datetime(2026, 11, 27, 9, 15, tzinfo=dt.UTC)
@@ -457,6 +458,36 @@ def test_bare_cr_and_lf_in_bodies_become_crlf() -> None:
     assert_wire_format(data)
     text, _ = list(parse(data).iter_parts())
     assert content(text) == "a\nb\nc\nd"
+
+
+def test_dot_stuffed_doubles_the_dots_that_start_a_body_s_lines_and_nothing_else() -> None:
+    # The 7bit HTML body starts with a dot; the text body has dotted lines inside.
+    mail = RenderedMail(".subject", ".first\n..second\nthird .\n.", ".<p>x</p>\n.<b>y</b>")
+    files = [Attachment("a.txt", "text/plain", b".dot\n" * 40)]
+    plain = build_message(
+        make_notification(),
+        mail,
+        sender="Helpdesk <notify@helpdesk.test>",
+        reply_to=None,
+        domain=DOMAIN,
+        attachments=files,
+        date=WHEN,
+    )
+    stuffed = build_message(
+        make_notification(),
+        mail,
+        sender="Helpdesk <notify@helpdesk.test>",
+        reply_to=None,
+        domain=DOMAIN,
+        attachments=files,
+        date=WHEN,
+        dot_stuffed=True,
+    )
+    assert stuffed == dot_stuff(plain)
+    assert stuffed != plain  # there was something to stuff
+    # What a server makes of it (RFC 5321 §4.5.2: one leading dot dropped per line).
+    lines = stuffed.split(b"\r\n")
+    assert b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines) == plain
 
 
 def test_naive_dates_are_taken_as_utc() -> None:

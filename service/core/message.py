@@ -143,11 +143,18 @@ def build_message(
     domain: str,
     attachments: Sequence[Attachment],
     date: datetime,
+    dot_stuffed: bool = False,
 ) -> bytes:
     """RFC 5322/2045 message bytes with CRLF line ends; raises AddressError for a bad address.
 
     multipart/alternative (text first, HTML last: RFC 2046 §5.1.4 puts the preferred
     version last), wrapped in multipart/mixed when there are attachments.
+
+    `dot_stuffed`: as SMTP's DATA carries it (RFC 5321 §4.5.2), every line that starts
+    with a dot given a second one. Only the text and HTML bodies can have such a line: a
+    header line starts with its name or, folded, with a space, a boundary line with "--",
+    and base64 has no dot. So only they are stuffed, instead of the whole message being
+    searched again (attachments are most of its bytes).
     """
     msg_id = message_id(n, domain)
     thread = thread_ids(n, domain)
@@ -195,7 +202,7 @@ def build_message(
             f"--{alt_boundary}{CRLF}Content-Type: text/{subtype}; charset=utf-8{CRLF}"
             f"Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}"
         ).encode("ascii")
-        out += body
+        out += _stuffed(body) if dot_stuffed else body
         out += b"\r\n"
     out += f"--{alt_boundary}--{CRLF}".encode("ascii")
     if attachments:
@@ -205,6 +212,12 @@ def build_message(
             out += b"\r\n"
         out += f"--{mixed_boundary}--{CRLF}".encode("ascii")
     return bytes(out)
+
+
+def _stuffed(body: bytes) -> bytes:
+    """A body that follows a blank line: its lines that start with a dot get another."""
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
 def _attachment_head(boundary: str, item: Attachment) -> bytes:

@@ -39,7 +39,7 @@ from service.delivery.attachments import (
     AttachmentStore,
     DirectoryAttachmentStore,
 )
-from service.delivery.smtp_wire import Payload, dot_stuff
+from service.delivery.smtp_wire import Payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +162,11 @@ class MailFactory:
                 domain=self._spec.domain,
                 attachments=attachments,
                 date=date,
+                dot_stuffed=True,
             )
         except AddressError as exc:
             return NotBuilt(Failure.of(Stage.ADDRESS, str(exc)))
-        return Built(dot_stuff(data), render_seconds)
+        return Built(Payload(data), render_seconds)
 
 
 def _not_attached(
