@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email
+import email.message
 import email.policy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +74,33 @@ def test_preview_writes_every_mail_of_an_event(tmp_path: Path) -> None:
         recipients.add(str(message["To"].addresses[0].addr_spec))
         assert message["Subject"] == "[T-1042] Printer on floor 3 jams"
     assert recipients == {"dana@customer.test", "bob@helpdesk.test", "carol@helpdesk.test"}
+
+
+def test_a_previewed_eml_is_the_message_not_its_smtp_form(tmp_path: Path) -> None:
+    # SMTP doubles a dot that starts a line (RFC 5321 §4.5.2); a file is not SMTP.
+    event = json.loads((EXAMPLES / "events" / "01-customer-content.json").read_text())
+    event["data"]["activity"]["activityText"] = ".\n.signed\n..twice"
+    source = tmp_path / "dots.json"
+    source.write_text(json.dumps(event))
+    out = tmp_path / "out"
+    result = run_notifier(
+        "preview",
+        str(source),
+        "--out",
+        str(out),
+        env={
+            "NOTIFY_DIRECTORY_FILE": str(EXAMPLES / "directory.yaml"),
+            "NOTIFY_ATTACHMENTS_DIR": str(EXAMPLES / "attachments"),
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    [customer] = out.glob("*-customer*.eml")
+    message = email.message_from_bytes(customer.read_bytes(), policy=email.policy.default)
+    assert isinstance(message, email.message.EmailMessage)
+    text = message.get_body(("plain",))
+    assert text is not None
+    lines = text.get_content().splitlines()
+    assert [line for line in lines if line.startswith(".")] == [".", ".signed", "..twice"]
 
 
 def test_preview_prints_to_stdout_and_reports_invalid_events(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from service.core.message import Attachment, message_id
 from service.core.routing import route
 from service.delivery.attachments import AttachmentMissing, AttachmentRefused
 from service.delivery.build import NotBuilt
+from service.delivery.smtp_wire import undo_dot_stuff
 from service.runtime.parts import build_parts, routing_policy
 from service.runtime.settings import Settings
 
@@ -49,7 +50,8 @@ def preview(settings: Settings, event_file: Path, out: Path | None) -> int:
         if isinstance(built, NotBuilt):
             print(f"# {n.kind.value}: {built.failure.reason}", file=sys.stderr)
             continue
-        data = built.data
+        # The mail as a file holds it, not in SMTP's form (its line-leading dots doubled).
+        data = undo_dot_stuff(built.data)
         label = f"{index:02d}-{n.kind.value}-{n.recipient.email}"
         if out is None:
             print(f"# {label}  {message_id(n, settings.mail_domain)}")
