@@ -82,3 +82,15 @@ def test_the_launcher_s_probes_still_find_what_they_patch(tmp_path: Path) -> Non
     cmd = [sys.executable, "-c", code, str(tmp_path / "waits"), str(tmp_path / "timeline")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_build_smoke() -> None:
+    """A render worker's work alone, this checkout against itself (benchmarks/build.py)."""
+    cmd = [sys.executable, "-m", "benchmarks.build", "--baseline", str(REPO)]
+    cmd += ["--events", "40", "--rounds", "1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["this", "baseline"]
+    assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines[:2])
+    assert lines[2].startswith("this / baseline, best rounds: ")
