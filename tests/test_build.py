@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from service.core.directory import Contact
 from service.core.routing import Kind, Notification
@@ -135,6 +137,47 @@ async def test_a_worker_gives_the_same_outcomes_as_this_process(tmp_path: Path) 
             assert _without_date(mine.data) == _without_date(theirs.data)
         else:
             assert replace(mine, render_seconds=0) == replace(theirs, render_seconds=0)
+
+
+@pytest.mark.parametrize(
+    "new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_two_workers_build_a_batch_on_either_event_loop(tmp_path: Path, new_loop: Any) -> None:
+    # A mail of 1.4 MB arrives over the socket in many pieces; 150 mails make many chunks.
+    (tmp_path / "large.bin").write_bytes(os.urandom(1 << 20))
+    ns = [notification(i, "large.bin") if i % 50 == 0 else notification(i) for i in range(150)]
+    roomy = replace(spec(tmp_path), max_attachment_bytes=2 << 20, max_mail_bytes=4 << 20)
+    here = roomy.factory()
+    local = [here.build(n) for n in ns]
+
+    async def build() -> list[Any]:
+        pool = WorkerPool(roomy, 2)
+        await pool.start()
+        try:
+            chunks = await asyncio.gather(*(pool.build_chunk(c) for c in pool.chunks(ns)))
+        finally:
+            pool.close()
+        return [outcome for chunk in chunks for outcome in chunk]
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        remote = runner.run(build())
+    assert all(isinstance(o, Built) for o in remote)
+    assert [_without_date(o.data) for o in remote] == [_without_date(o.data) for o in local]
+    assert len(remote[50].data) > 1 << 20
+
+
+async def test_a_bug_in_a_worker_reaches_its_caller_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    pool = WorkerPool(spec(tmp_path), 1)
+    await pool.start()
+    try:
+        with pytest.raises(AttributeError):
+            await pool.build_chunk(["not a notification"])  # type: ignore[list-item]
+        [outcome] = await pool.build_chunk([notification(1)])
+    finally:
+        pool.close()
+    assert isinstance(outcome, Built)
 
 
 def test_a_chunk_holds_attachments_up_to_its_room(

@@ -430,19 +430,50 @@ async def test_many_records_of_one_ticket_keep_their_order_across_chunks(rig: Ri
     assert [int(header.split(b".")[1]) for header in ids] == list(range(8000, 8150))
 
 
-async def test_a_dead_worker_rewinds_the_batch_and_is_replaced(tmp_path: Path) -> None:
+def _new_children(others: set[int | None]) -> list[int]:
+    return [c.pid or 0 for c in multiprocessing.active_children() if c.pid not in others]
+
+
+async def test_a_worker_dying_under_a_chunk_rewinds_the_batch_and_is_replaced(
+    tmp_path: Path,
+) -> None:
     others = {child.pid for child in multiprocessing.active_children()}
     r = Rig(tmp_path, workers=1)
     await r.open()
     try:
-        [worker] = [c for c in multiprocessing.active_children() if c.pid not in others]
-        os.kill(worker.pid or 0, signal.SIGKILL)
+        [worker] = _new_children(others)
+        os.kill(worker, signal.SIGSTOP)  # it takes the chunk in, and never answers
         value = event_bytes(activity())
+        batch = asyncio.create_task(r.dispatcher.handle_batch([record(value)]))
+        await asyncio.sleep(0.5)
+        assert not batch.done()
+        os.kill(worker, signal.SIGKILL)
         with pytest.raises(RetryLater):
-            await r.dispatcher.handle_batch([record(value)])
+            await asyncio.wait_for(batch, 10)
         assert r.mailer.accepted == []
         await r.dispatcher.handle_batch([record(value)])
         assert [to for to, _ in r.mailer.accepted] == [CUSTOMER]
+        [replacement] = _new_children(others | {worker})
+        assert replacement != worker
+    finally:
+        await r.close()
+
+
+async def test_a_worker_that_died_idle_is_replaced_before_a_batch_needs_it(
+    tmp_path: Path,
+) -> None:
+    others = {child.pid for child in multiprocessing.active_children()}
+    r = Rig(tmp_path, workers=1)
+    await r.open()
+    try:
+        [process] = [c for c in multiprocessing.active_children() if c.pid not in others]
+        worker = process.pid
+        os.kill(worker or 0, signal.SIGKILL)
+        await asyncio.to_thread(process.join, 10)
+        await asyncio.sleep(0.2)  # a turn or two of the loop: it reads the socket's end
+        await r.dispatcher.handle_batch([record(event_bytes(activity()))])
+        assert [to for to, _ in r.mailer.accepted] == [CUSTOMER]
+        assert _new_children(others | {worker})
     finally:
         await r.close()
 

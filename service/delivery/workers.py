@@ -9,15 +9,19 @@ much as the work it hands off (benchmarks/README.md has the figures).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import threading
-import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import pickle
+import signal
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from multiprocessing.process import BaseProcess
+from typing import cast
 
 from service.core.message import rethreaded
 from service.core.routing import Notification
@@ -76,16 +80,13 @@ class PooledBatch:
         # sent ahead takes its outcome, any other goes to a worker on its own. A follow-up
         # whose parent was mailed earlier in the batch now answers that mail: the mail built
         # ahead is the same but for its threading headers, which are written again here.
-        try:
-            if entry is None or _besides_thread(entry.notification) != _besides_thread(n):
-                [outcome] = await self.pool.build_chunk([n])
-            else:
-                del self.ahead[n.key]
-                outcome = (await entry.chunk)[entry.index]
-                if isinstance(outcome, Built) and entry.notification != n:
-                    outcome = await self._rethread(n, outcome)
-        except BrokenProcessPool:
-            raise WorkerLost from None
+        if entry is None or _besides_thread(entry.notification) != _besides_thread(n):
+            [outcome] = await self.pool.build_chunk([n])
+        else:
+            del self.ahead[n.key]
+            outcome = (await entry.chunk)[entry.index]
+            if isinstance(outcome, Built) and entry.notification != n:
+                outcome = await self._rethread(n, outcome)
         if isinstance(outcome, Rendered):
             return await self.inline.attach(n, outcome.mail, outcome.render_seconds)
         return outcome
@@ -109,23 +110,27 @@ class PooledBatch:
 
 
 class WorkerPool:
-    """`workers` processes, each with its own MailFactory (templates, attachment cache)."""
+    """`workers` processes, each with its own MailFactory (templates, attachment cache).
+
+    Each worker has a socket of its own, read and written on the event loop itself: a
+    chunk goes to the worker with the fewest chunks in hand, pickled here and written as
+    one frame; its outcomes come back as one frame, in the order the chunks were sent. No
+    thread of this process takes part (a `ProcessPoolExecutor` pickles on a feeder thread
+    and unpickles on a manager thread, which hold the GIL and wake each other and the
+    loop for every chunk: benchmarks/README.md, eleventh round).
+
+    A worker that dies fails the chunks it held with WorkerLost, and is replaced; the
+    other workers' chunks are not touched.
+    """
 
     def __init__(self, spec: MailSpec, workers: int) -> None:
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
         self._spec = spec
         self.workers = workers
-        self._executor = self._new_executor()
-
-    def _new_executor(self) -> ProcessPoolExecutor:
-        # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
-        return ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(self._spec, os.getpid()),
-        )
+        self._live: list[_Worker] = []
+        self._starting = asyncio.Lock()
+        self._closed = False
 
     @property
     def domain(self) -> str:
@@ -134,10 +139,8 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker now, so the first batch does not wait for imports."""
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(loop.run_in_executor(self._executor, _ready) for _ in range(self.workers))
-        )
+        await self._top_up()
+        await asyncio.gather(*(w.ready for w in self._live))
 
     def chunks(self, ns: Sequence[Notification]) -> list[Sequence[Notification]]:
         """Split a batch's notifications so every worker gets a share, CHUNK_MAX at most.
@@ -154,21 +157,143 @@ class WorkerPool:
         return out
 
     async def build_chunk(self, ns: Sequence[Notification]) -> list[Outcome | Rendered]:
-        """One chunk's outcomes, in order (BrokenProcessPool if its worker died); a mail
-        past the chunk's room for attachments comes back `Rendered`."""
-        executor = self._executor
+        """One chunk's outcomes, in order (WorkerLost if its worker died); a mail past the
+        chunk's room for attachments comes back `Rendered`."""
+        if self._closed:
+            raise WorkerLost("the pool is closed")
+        if len(self._live) < self.workers:
+            await self._top_up()
+        if not self._live:
+            raise WorkerLost("the pool is closed")
+        return await min(self._live, key=_load).submit(ns)
+
+    async def _top_up(self) -> None:
+        async with self._starting:
+            while len(self._live) < self.workers and not self._closed:
+                worker = await self._start_one()
+                if worker.gone:  # at once: it cannot start (what would another do?)
+                    raise WorkerLost("a render worker exited as it started")
+                self._live.append(worker)
+
+    async def _start_one(self) -> _Worker:
+        ours, theirs = socket.socketpair()
+        process = _CONTEXT.Process(
+            target=_serve, args=(theirs, self._spec), name="render-worker", daemon=True
+        )
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, _build_chunk, ns)
-        except BrokenProcessPool:
-            # Every pending call of a broken pool fails; the first to get here replaces it.
-            if self._executor is executor:
-                log.error("render worker died; starting new ones", extra={"workers": self.workers})
-                self._executor = self._new_executor()
-                executor.shutdown(wait=False, cancel_futures=True)
-            raise
+            process.start()
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        worker = _Worker(process, ours, loop.create_future(), self._lost)
+        await loop.create_unix_connection(lambda: worker, sock=ours)
+        return worker
+
+    def _lost(self, worker: _Worker) -> None:
+        if worker in self._live:
+            self._live.remove(worker)
+            if not self._closed:
+                log.error("render worker died; starting a new one", extra={"workers": self.workers})
+        worker.process.join(0)  # reap it if it is gone already; the next start reaps the rest
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._closed = True
+        workers, self._live = self._live, []
+        for w in workers:
+            w.hang_up()
+        for w in workers:
+            w.process.join(5)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(5)
+
+
+_CONTEXT = get_context("spawn")  # not fork: forking a process with an event loop and threads
+_FRAME = struct.Struct("!I")
+
+
+def _load(worker: _Worker) -> int:
+    return len(worker.pending)
+
+
+class _Worker(asyncio.Protocol):
+    """The event loop's end of one worker's socket: frames out, frames in, in order."""
+
+    def __init__(
+        self,
+        process: BaseProcess,
+        sock: socket.socket,
+        ready: asyncio.Future[None],
+        lost: Callable[[_Worker], None],
+    ) -> None:
+        self.process = process
+        self.sock = sock
+        self.ready = ready
+        self.pending: deque[asyncio.Future[list[Outcome | Rendered]]] = deque()
+        self._lost = lost
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self.gone = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+
+    async def submit(self, ns: Sequence[Notification]) -> list[Outcome | Rendered]:
+        if self.gone or self._transport is None or self._transport.is_closing():
+            raise WorkerLost("render worker gone")
+        data = pickle.dumps(list(ns), pickle.HIGHEST_PROTOCOL)
+        future: asyncio.Future[list[Outcome | Rendered]] = self.ready.get_loop().create_future()
+        self.pending.append(future)
+        self._transport.writelines((_FRAME.pack(len(data)), data))
+        return await future
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(buffer)
+            end = _FRAME.size + size
+            if len(buffer) < end:
+                return
+            # The worker is this process's own child, spawned with the socket's other end.
+            with memoryview(buffer) as view, view[_FRAME.size : end] as frame:
+                reply = pickle.loads(frame)  # noqa: S301
+            del buffer[:end]
+            self._answer(reply)
+
+    def _answer(self, reply: tuple[str, object]) -> None:
+        what, value = reply
+        if what == "ready":
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return
+        future = self.pending.popleft()
+        if future.done():  # its caller was cancelled
+            return
+        if what == "done":
+            future.set_result(value)  # type: ignore[arg-type]
+        else:
+            assert isinstance(value, BaseException)
+            future.set_exception(value)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        for future in self.pending:
+            if not future.done():
+                future.set_exception(WorkerLost("render worker died"))
+        self.pending.clear()
+        if not self.ready.done():
+            self.ready.set_exception(WorkerLost("render worker died before it was ready"))
+            self.ready.exception()  # retrieved: a pool that never started raises nothing
+        self._lost(self)
+
+    def hang_up(self) -> None:
+        """Close the socket now: the worker reads its end and exits."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._transport is not None:
+            self._transport.close()
 
 
 class PooledBuilder:
@@ -208,25 +333,49 @@ def _besides_thread(n: Notification) -> Notification:
     return n.evolve(in_reply_to=None) if n.in_reply_to is not None else n
 
 
-# The worker side: one MailFactory per process, made by the pool's initializer.
+# The worker side: one MailFactory per process, made when it starts.
 _factory: MailFactory | None = None
 
 
-def _start_worker(spec: MailSpec, parent: int) -> None:
+def _serve(sock: socket.socket, spec: MailSpec) -> None:
+    """A worker's life: build each chunk that arrives, until its socket closes (the pool
+    closed, or the service died: then the kernel closed it), and exit."""
     global _factory
+    # Ctrl-C reaches the whole process group: the service stops on it and closes the
+    # pool, so a worker does not die under a chunk first. (SIGTERM still ends it: at exit,
+    # multiprocessing terminates the daemonic children that are left.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _factory = spec.factory()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    frames = sock.makefile("rb")
 
+    def reply(what: str, value: object) -> None:
+        data = pickle.dumps((what, value), pickle.HIGHEST_PROTOCOL)
+        sock.sendall(_FRAME.pack(len(data)) + data)
 
-def _exit_with_parent(parent: int) -> None:
-    # A parent killed with SIGKILL cannot shut its pool down: do not outlive it.
-    while os.getppid() == parent:
-        time.sleep(0.5)
+    try:
+        reply("ready", None)
+        while len(header := frames.read(_FRAME.size)) == _FRAME.size:
+            size = _FRAME.unpack(header)[0]
+            if len(data := frames.read(size)) < size:
+                break
+            ns = pickle.loads(data)  # noqa: S301 (from the parent that spawned this process)
+            try:
+                outcomes = _build_chunk(ns)
+            except Exception as exc:  # a bug: its caller gets it, as from a function call
+                reply("failed", _sendable(exc))
+            else:
+                reply("done", outcomes)
+    except OSError:  # the other end is gone
+        pass
     os._exit(0)
 
 
-def _ready() -> bool:
-    return _factory is not None
+def _sendable(exc: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301 (its own bytes)
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__} in a render worker")
+    return exc
 
 
 def _build_chunk(ns: Sequence[Notification]) -> list[Outcome | Rendered]:
