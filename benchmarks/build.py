@@ -1,6 +1,7 @@
 """A render worker's work alone: `MailFactory.build` over the workload, two checkouts.
 
     python -m benchmarks.build --baseline CHECKOUT [--events 2000] [--rounds 3]
+    python -m benchmarks.build --baseline CHECKOUT --workers 2
 
 Each round runs this checkout and then the other one in a child process of its own (its
 checkout first on the path: its service, its templates, its `benchmarks.events`), which
@@ -8,6 +9,11 @@ builds every mail of the same workload (same seed, same run id) once to warm up,
 times, and reports its best pass in µs of CPU per mail. Rounds alternate, so a burst of load
 elsewhere on the machine hits a round, not a checkout. No Kafka, no network, no pickling:
 for changes to rendering, attachments, MIME and `.ics` (the workers' share of a mail).
+
+With `--workers N` the child builds the same mails through a `WorkerPool` of N processes
+instead, on uvloop as the service does, in batches of 500 split into chunks as the service
+splits them, and reports the hand-off's cost: µs of CPU per mail in the child itself (its
+event loop and any thread it has) and in its workers, the best pass of each.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parents[1]
 PASSES = 5
+BATCH = 500  # NOTIFY_BATCH_MAX_RECORDS' default
 
 
-def child(events: int) -> dict[str, object]:
+def child(events: int, workers: int = 0) -> dict[str, object]:
     """In the checkout under test: the best of PASSES builds of the workload's mails."""
     import service
     from benchmarks.events import build_workload, notifications
@@ -36,7 +44,7 @@ def child(events: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="notifier-build-") as tmp:
         workload = build_workload(Path(tmp), events, run="build")
         notes = notifications(workload, workload.events)
-        factory = MailSpec(
+        spec = MailSpec(
             templates_dir=default_templates_dir(),
             attachments_dir=workload.attachments_dir,
             max_attachment_bytes=10 << 20,
@@ -44,26 +52,64 @@ def child(events: int) -> dict[str, object]:
             sender="Helpdesk <helpdesk@helpdesk.test>",
             reply_to="support@helpdesk.test",
             domain="helpdesk.test",
-        ).factory()
-        for n in notes:  # warm-up: templates compiled, CSS shapes and files cached
+        )
+        figures = _pooled(spec, notes, workers) if workers else _inline(spec, notes)
+    return {"service": str(Path(service.__file__).parents[1]), "mails": len(notes), **figures}
+
+
+def _inline(spec: Any, notes: list[Any]) -> dict[str, float]:
+    factory = spec.factory()
+    for n in notes:  # warm-up: templates compiled, CSS shapes and files cached
+        factory.build(n)
+    best = float("inf")
+    for _ in range(PASSES):
+        started = time.process_time()
+        for n in notes:
             factory.build(n)
-        best = float("inf")
-        for _ in range(PASSES):
-            started = time.process_time()
-            for n in notes:
-                factory.build(n)
-            best = min(best, time.process_time() - started)
-    return {
-        "service": str(Path(service.__file__).parents[1]),
-        "mails": len(notes),
-        "us_per_mail": best * 1e6 / len(notes),
-    }
+        best = min(best, time.process_time() - started)
+    return {"us_per_mail": best * 1e6 / len(notes)}
 
 
-def _run_child(checkout: Path, events: int) -> dict[str, object]:
+def _pooled(spec: Any, notes: list[Any], workers: int) -> dict[str, float]:
+    import asyncio
+
+    import psutil
+    import uvloop
+
+    from service.delivery.workers import WorkerPool
+
+    me = psutil.Process()
+
+    def workers_cpu() -> float:
+        return sum(sum(c.cpu_times()[:2]) for c in me.children())
+
+    async def run() -> dict[str, float]:
+        pool = WorkerPool(spec, workers)
+        await pool.start()
+        try:
+            passes = []
+            for _ in range(PASSES + 1):  # the first warms the workers up
+                mine, theirs = time.process_time(), workers_cpu()
+                for start in range(0, len(notes), BATCH):
+                    batch = notes[start : start + BATCH]
+                    await asyncio.gather(*map(pool.build_chunk, pool.chunks(batch)))
+                passes.append((time.process_time() - mine, workers_cpu() - theirs))
+        finally:
+            pool.close()
+        here = min(mine for mine, _ in passes[1:])  # each side's best pass
+        there = min(theirs for _, theirs in passes[1:])
+        return {
+            "us_per_mail": here * 1e6 / len(notes),
+            "workers_us_per_mail": there * 1e6 / len(notes),
+        }
+
+    return uvloop.run(run())
+
+
+def _run_child(checkout: Path, events: int, workers: int) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     out = subprocess.run(
-        [sys.executable, str(HERE), "child", "--events", str(events)],
+        [sys.executable, str(HERE), "child", "--events", str(events), "--workers", str(workers)],
         cwd=checkout,
         env=env,
         check=True,
@@ -76,23 +122,30 @@ def _run_child(checkout: Path, events: int) -> dict[str, object]:
     return result
 
 
-def compare(baseline: Path | None, events: int, rounds: int) -> dict[str, list[float]]:
-    """µs per mail of each checkout, one figure per round."""
+def compare(
+    baseline: Path | None, events: int, rounds: int, workers: int = 0
+) -> dict[str, list[dict[str, float]]]:
+    """µs per mail of each checkout, one set of figures per round."""
     checkouts = {"this": CHECKOUT}
     if baseline is not None:
         checkouts["baseline"] = baseline.resolve()
-    figures: dict[str, list[float]] = {name: [] for name in checkouts}
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
     for _ in range(rounds):
         for name, checkout in checkouts.items():
-            result = _run_child(checkout, events)
-            figures[name].append(float(str(result["us_per_mail"])))
+            result = _run_child(checkout, events, workers)
+            figures[name].append({k: float(str(v)) for k, v in result.items() if "us" in k})
     mails = result["mails"]
+    what = f"a WorkerPool of {workers}" if workers else "MailFactory.build"
     for name, values in figures.items():
-        shown = " / ".join(f"{v:.1f}" for v in values)
-        print(f"{name}: {shown} µs CPU per mail (MailFactory.build, {mails} mails, best of 5)")
+        shown = " / ".join(f"{v['us_per_mail']:.1f}" for v in values)
+        line = f"{name}: {shown} µs CPU per mail ({what}, {mails} mails, best of {PASSES})"
+        if workers:
+            there = " / ".join(f"{v['workers_us_per_mail']:.1f}" for v in values)
+            line += f"; in its workers {there}"
+        print(line)
     if baseline is not None:
-        ratio = min(figures["this"]) / min(figures["baseline"])
-        print(f"this / baseline, best rounds: {ratio:.2f}")
+        best = {name: min(v["us_per_mail"] for v in values) for name, values in figures.items()}
+        print(f"this / baseline, best rounds: {best['this'] / best['baseline']:.2f}")
     return figures
 
 
@@ -104,11 +157,14 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT")
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="through a WorkerPool of N (0: in one process)"
+    )
     args = parser.parse_args()
     if args.mode == "child":
-        print(json.dumps(child(args.events)))
+        print(json.dumps(child(args.events, args.workers)))
     else:
-        compare(args.baseline, args.events, args.rounds)
+        compare(args.baseline, args.events, args.rounds, args.workers)
 
 
 if __name__ == "__main__":

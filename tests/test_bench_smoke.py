@@ -94,3 +94,18 @@ def test_build_smoke() -> None:
     assert [line.split(":")[0] for line in lines[:2]] == ["this", "baseline"]
     assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines[:2])
     assert lines[2].startswith("this / baseline, best rounds: ")
+
+
+def test_build_smoke_through_a_worker_pool() -> None:
+    """The hand-off to render workers alone (benchmarks/build.py --workers)."""
+    cmd = [sys.executable, "-m", "benchmarks.build", "--baseline", str(REPO), "--workers", "2"]
+    cmd += ["--events", "40", "--rounds", "1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["this", "baseline"]
+    for line in lines[:2]:
+        here, there = line.split("per mail")[0], line.split("in its workers ")[1]
+        assert float(here.split(": ")[1].split()[0]) > 0
+        assert float(there) > 0  # the workers built the mails: they spent the CPU
+    assert lines[2].startswith("this / baseline, best rounds: ")
