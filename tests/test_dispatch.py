@@ -442,7 +442,7 @@ async def test_a_worker_dying_under_a_chunk_rewinds_the_batch_and_is_replaced(
     await r.open()
     try:
         [worker] = _new_children(others)
-        os.kill(worker, signal.SIGSTOP)  # it takes the chunk in, and never answers
+        os.kill(worker, signal.SIGSTOP)  # its chunk waits in the socket, never answered
         value = event_bytes(activity())
         batch = asyncio.create_task(r.dispatcher.handle_batch([record(value)]))
         await asyncio.sleep(0.5)
