@@ -159,11 +159,9 @@ class WorkerPool:
     async def build_chunk(self, ns: Sequence[Notification]) -> list[Outcome | Rendered]:
         """One chunk's outcomes, in order (WorkerLost if its worker died); a mail past the
         chunk's room for attachments comes back `Rendered`."""
-        if self._closed:
-            raise WorkerLost("the pool is closed")
         if len(self._live) < self.workers:
             await self._top_up()
-        if not self._live:
+        if not self._live:  # closed: close() empties it and _top_up adds none
             raise WorkerLost("the pool is closed")
         return await min(self._live, key=_load).submit(ns)
 
