@@ -3,6 +3,10 @@
 `python -m benchmarks.ledger [--mails N]` runs SQLite (synchronous FULL and NORMAL) and a
 throwaway PostgreSQL cluster (devkit/postgres.py; $NOTIFY_TEST_POSTGRES_URL to reuse a
 server) in one run, so the ratios between them are measured on the same machine state.
+
+`--flood N,M,...` measures instead what the recipient limit's hourly count costs a claim
+under a flood to one address: a claim of 900 keys (9 of them to the flooded address) with
+N `throttled` rows of that address in the last hour, the median of a few claims, per backend.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from service.delivery.ledger import (
 
 CONCURRENCY = 64
 CLAIM_BATCH = 64
+FLOODED = "flood@x.test"
 
 
 async def measure(url: str, config: LedgerConfig, mails: int) -> dict[str, float]:
@@ -64,14 +69,67 @@ async def measure(url: str, config: LedgerConfig, mails: int) -> dict[str, float
     return result
 
 
-async def run(mails: int, postgres_url: str | None) -> dict[str, Any]:
+async def flood(url: str, config: LedgerConfig, sizes: list[int]) -> dict[str, float]:
+    """ms per 900-key claim with each count of `throttled` rows of one address this hour."""
+    ledger = create_ledger(url, config)
+    await ledger.open()
+    result: dict[str, float] = {}
+    written = 0
+    try:
+        for size in sorted(sizes):
+            for start in range(written, size, 1000):
+                await asyncio.gather(
+                    *(
+                        ledger.record(Entry(Key(f"f{i}", "customer", FLOODED), Status.THROTTLED))
+                        for i in range(start, min(start + 1000, size))
+                    )
+                )
+            written = max(written, size)
+            if url.startswith("postgresql"):
+                # What autovacuum does on a server as a table grows: without fresh
+                # statistics the planner takes 100,000 rows for a few thousand.
+                analyze(url)
+            times = []
+            for round_ in range(5):
+                requests = [
+                    ClaimRequest(
+                        Key(
+                            f"c{size}-{round_}-{i}",
+                            "staff",
+                            FLOODED if i % 100 == 0 else f"u{i}@x.test",
+                        ),
+                        "1",
+                        "e",
+                    )
+                    for i in range(900)
+                ]
+                started = time.perf_counter()
+                await ledger.claim(requests, "bench", 60, 30)
+                times.append(time.perf_counter() - started)
+            result[f"claim_ms_at_{size}"] = 1000 * sorted(times)[len(times) // 2]
+    finally:
+        await ledger.close()
+    return result
+
+
+def analyze(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        conn.execute("ANALYZE deliveries")
+
+
+async def run(
+    mails: int, postgres_url: str | None, sizes: list[int] | None = None
+) -> dict[str, Any]:
+    def probe(url: str, config: LedgerConfig) -> Any:
+        return flood(url, config, sizes) if sizes else measure(url, config, mails)
+
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as work:
         for sync in ("full", "normal"):
             url = f"sqlite:///{Path(work) / f'{sync}.sqlite3'}"
-            results[f"sqlite-{sync}"] = await measure(
-                url, LedgerConfig(sqlite_synchronous=sync), mails
-            )
+            results[f"sqlite-{sync}"] = await probe(url, LedgerConfig(sqlite_synchronous=sync))
     cluster = None
     if postgres_url is None:
         cluster = PostgresCluster()
@@ -80,7 +138,7 @@ async def run(mails: int, postgres_url: str | None) -> dict[str, Any]:
     name = f"bench_{uuid.uuid4().hex[:8]}"
     try:
         url = create_database(postgres_url, name)
-        results["postgres"] = await measure(url, LedgerConfig(pool_size=10), mails)
+        results["postgres"] = await probe(url, LedgerConfig(pool_size=10))
         drop_database(postgres_url, name)
     finally:
         if cluster is not None:
@@ -93,8 +151,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mails", type=int, default=5000)
+    parser.add_argument("--flood", help="comma-separated counts of throttled rows, e.g. 0,10000")
     args = parser.parse_args()
-    results = asyncio.run(run(args.mails, os.environ.get("NOTIFY_TEST_POSTGRES_URL")))
+    sizes = [int(n) for n in args.flood.split(",")] if args.flood else None
+    results = asyncio.run(run(args.mails, os.environ.get("NOTIFY_TEST_POSTGRES_URL"), sizes))
     for backend, figures in results.items():
         line = "  ".join(f"{name} {value:8.0f}" for name, value in figures.items())
         print(f"{backend:14} {line}")

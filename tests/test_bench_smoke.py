@@ -109,3 +109,24 @@ def test_build_smoke_through_a_worker_pool() -> None:
         assert float(here.split(": ")[1].split()[0]) > 0
         assert float(there) > 0  # the workers built the mails: they spent the CPU
     assert lines[2].startswith("this / baseline, best rounds: ")
+
+
+def test_ledger_flood_smoke(tmp_path: Path) -> None:
+    """The recipient limit's count under a flood (benchmarks/ledger.py --flood), on SQLite:
+    a claim with each count of throttled rows is timed, and the rows are really there."""
+    import asyncio
+
+    from benchmarks.ledger import FLOODED, flood
+    from service.delivery.ledger import LedgerConfig
+    from tests.ledger_support import run_sql
+
+    url = f"sqlite:///{tmp_path / 'flood.sqlite3'}"
+    figures = asyncio.run(flood(url, LedgerConfig(), [0, 1200]))
+    assert set(figures) == {"claim_ms_at_0", "claim_ms_at_1200"}
+    assert all(ms > 0 for ms in figures.values())
+    counts = run_sql(
+        url, "SELECT status, count(*) FROM deliveries WHERE recipient = ? GROUP BY 1", (FLOODED,)
+    )
+    # 1,200 throttled; of the 90 claims to the address (9 in each of 5 rounds at each of
+    # two sizes), the limit of 30 an hour granted 30: every claim counted its hour
+    assert dict(counts) == {"throttled": 1200, "claimed": 30}

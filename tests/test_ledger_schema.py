@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from service.cli import main
 from service.delivery.ledger import (
+    Claim,
+    ClaimRequest,
     DeliveryQuery,
     Entry,
     Key,
@@ -21,8 +26,11 @@ from service.delivery.ledger import (
     Status,
     parse_ledger_url,
 )
-from service.delivery.ledger.migrate import head
+from service.delivery.ledger.claims import COUNTED_SQL
+from service.delivery.ledger.migrate import alembic_config, head
+from service.delivery.ledger.pgsql import RECENT as PG_RECENT
 from service.delivery.ledger.schema import metadata
+from service.delivery.ledger.sqlite import RECENT as SQLITE_RECENT
 from tests.ledger_support import BACKENDS, backend_url, key, opened, run_sql
 
 
@@ -41,6 +49,68 @@ async def test_migrations_build_exactly_the_model(url: str) -> None:
         engine.dispose()
     assert diff == []
     assert run_sql(url, "SELECT version_num FROM alembic_version") == [(head(),)]
+
+
+COUNTED_INDEX = "ix_deliveries_recipient_counted"
+
+
+def index_definition(url: str) -> str:
+    if url.startswith("sqlite:///"):
+        found = run_sql(url, "SELECT sql FROM sqlite_master WHERE name = ?", (COUNTED_INDEX,))
+    else:
+        found = run_sql(
+            url, "SELECT indexdef FROM pg_indexes WHERE indexname = ?", (COUNTED_INDEX,)
+        )
+    assert len(found) == 1, found
+    return str(found[0][0])
+
+
+async def test_a_ledger_at_revision_0001_gains_the_counted_index_and_keeps_its_rows(
+    url: str,
+) -> None:
+    engine = sa.create_engine(parse_ledger_url(url).sqlalchemy_url())
+    try:
+        with engine.begin() as conn:
+            config = alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0001")
+    finally:
+        engine.dispose()
+    assert run_sql(url, "SELECT version_num FROM alembic_version") == [("0001",)]
+    run_sql(
+        url,
+        "INSERT INTO deliveries (activity_id, kind, recipient, moment, status, message_id,"
+        " created_at, at) VALUES ('1', 'staff', 'sam@helpdesk.test', '', 'sent', '<1@x>', ?, ?)",
+        (time.time(), time.time()),
+    )
+    ledger = await opened(url)  # upgrades to head
+    try:
+        assert run_sql(url, "SELECT version_num FROM alembic_version") == [(head(),)]
+        definition = index_definition(url)
+        if url.startswith("sqlite:///"):
+            assert COUNTED_SQL in definition
+        else:  # PostgreSQL gives the condition back in its own words
+            assert "WHERE (status = ANY (ARRAY['sent'::text, 'claimed'::text]))" in definition
+        # The row from before the upgrade still takes its slot: a limit of 1 is reached.
+        again = ClaimRequest(Key("2", "staff", "sam@helpdesk.test"), "t", "e")
+        claims = await ledger.claim([again], "me", 60, 1)
+        assert claims[again.key] is Claim.THROTTLED
+    finally:
+        await ledger.close()
+
+
+async def test_the_hourly_count_reads_the_counted_index(url: str) -> None:
+    """A partial index serves a query only if the query carries its condition as written
+    (a bound parameter in its place does not): the count must not walk `throttled` rows."""
+    await (await opened(url)).close()
+    if url.startswith("sqlite:///"):
+        plan = run_sql(url, f"EXPLAIN QUERY PLAN {SQLITE_RECENT}", ("sam@helpdesk.test", 0.0))
+        assert f"USING INDEX {COUNTED_INDEX}" in str(plan)
+    else:
+        with psycopg.connect(url, autocommit=True) as pg:
+            pg.execute("SET enable_seqscan = off")  # the table is empty: force an index
+            lines = pg.execute(f"EXPLAIN {PG_RECENT}", (["sam@helpdesk.test"], 0.0)).fetchall()
+        assert COUNTED_INDEX in str(lines)
 
 
 async def test_a_schema_newer_than_the_code_is_refused(url: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from service.delivery.ledger.claims import COUNTED_SQL
+
 metadata = sa.MetaData()
 Epoch: sa.Double[float] = sa.Double()
 
@@ -37,6 +39,15 @@ deliveries = sa.Table(
     sa.Index("ix_deliveries_ticket_at", "ticket_id", "at"),
     sa.Index("ix_deliveries_recipient_at", "recipient", "at"),
     sa.Index("ix_deliveries_at", "at"),
+    # The recipient limit's hourly count (contract section 10) reads only the rows that
+    # take a slot: under a flood to one address its `throttled` rows are not walked.
+    sa.Index(
+        "ix_deliveries_recipient_counted",
+        "recipient",
+        "at",
+        sqlite_where=sa.text(COUNTED_SQL),
+        postgresql_where=sa.text(COUNTED_SQL),
+    ),
     sqlite_with_rowid=False,
 )
 
