@@ -15,10 +15,6 @@ from service.delivery.ledger import Claim, ClaimRequest, Key, Status
 WINDOW_SECONDS = 3600.0
 COUNTED = (Status.SENT, Status.CLAIMED)
 """Statuses that take one of a recipient's hourly slots."""
-COUNTED_SQL = f"status IN ({', '.join(repr(s.value) for s in COUNTED)})"
-"""The same as SQL with literals: the condition of the partial index the hourly count reads
-(`ix_deliveries_recipient_counted`). A planner uses a partial index only for a query whose
-WHERE clause carries that very condition, which a bound parameter does not."""
 
 
 @dataclass(frozen=True, slots=True)

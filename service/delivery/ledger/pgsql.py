@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from service.delivery.ledger import one_line
-from service.delivery.ledger.claims import COUNTED_SQL, WINDOW_SECONDS
+from service.delivery.ledger.claims import WINDOW_SECONDS
 from service.delivery.ledger.errors import LedgerConfigError, LedgerError, LedgerUnavailable
 from service.delivery.ledger.url import SETTING, LedgerUrl
 
@@ -31,7 +31,7 @@ KEY_ROWS = (
 )
 RECENT = (
     "SELECT recipient, count(*) FROM deliveries WHERE recipient = ANY(%s::text[])"
-    f" AND {COUNTED_SQL} AND at > %s - {WINDOW_SECONDS}"
+    f" AND status IN ('sent', 'claimed') AND at > %s - {WINDOW_SECONDS}"
     " GROUP BY recipient"
 )
 CLAIM = (

@@ -22,7 +22,7 @@ from service.delivery.ledger import (
     ReminderRow,
     Where,
 )
-from service.delivery.ledger.claims import COUNTED_SQL, WINDOW_SECONDS, Row, decide
+from service.delivery.ledger.claims import COUNTED, WINDOW_SECONDS, Row, decide
 from service.delivery.ledger.commit import GroupCommit
 from service.delivery.ledger.errors import LedgerConfigError, LedgerUnavailable
 from service.delivery.ledger.migrate import ensure_schema, schema_engine
@@ -81,7 +81,7 @@ ROW = (
     "SELECT status, owner, claimed_until, at, prior_status, prior_at FROM deliveries WHERE "
     + KEY_MATCH
 )
-RECENT = f"SELECT count(*) FROM deliveries WHERE recipient=? AND {COUNTED_SQL} AND at > ?"
+RECENT = "SELECT count(*) FROM deliveries WHERE recipient=? AND status IN (?, ?) AND at > ?"
 
 
 class SqliteLedger:
@@ -221,7 +221,7 @@ class SqliteLedger:
         recent: dict[str, int] = {}
         if limit > 0:
             for recipient in {r.key.recipient for r in requests}:
-                args = (recipient, now - WINDOW_SECONDS)
+                args = (recipient, *COUNTED, now - WINDOW_SECONDS)
                 recent[recipient] = db.execute(RECENT, args).fetchone()[0]
         outcomes, grants = decide(
             requests, rows, recent, owner=owner, now=now, limit_per_hour=limit
