@@ -35,10 +35,11 @@ deliveries = sa.Table(
     sa.Column("at", Epoch, nullable=False),
     sa.PrimaryKeyConstraint("activity_id", "kind", "recipient", "moment"),
     sa.Index("ix_deliveries_ticket_at", "ticket_id", "at"),
-    # `status` too, so the recipient limit's hourly count (contract section 10) reads the
-    # index alone; before, it looked up every row of the recipient's hour in the table,
-    # `throttled` ones and all, which under a flood to one address is most of them.
-    sa.Index("ix_deliveries_recipient_at_status", "recipient", "at", "status"),
+    # Status before time: the recipient limit's hourly count (contract section 10) reads
+    # only the rows that take a slot (sent, claimed), not the `throttled` ones a flood to
+    # one address leaves, which `(recipient, at)` walked on every claim. The audit's
+    # look-ups by recipient alone sort that recipient's rows instead (see revision 0002).
+    sa.Index("ix_deliveries_recipient_status_at", "recipient", "status", "at"),
     sa.Index("ix_deliveries_at", "at"),
     sqlite_with_rowid=False,
 )
