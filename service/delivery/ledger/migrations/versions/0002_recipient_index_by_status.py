@@ -9,8 +9,9 @@ and the `claimed` ranges of the recipient and reads nothing else.
 
 The price, chosen knowingly: the audit's look-ups by recipient alone (no status) now read
 all of that recipient's rows and sort them, rather than the newest first from the index.
-For an ordinary address that is a few hundred rows; for a flooded one, ~60-70 ms per page
-with 100,000 rows. A look-up by recipient and status uses the index fully.
+For an ordinary address that is a few hundred rows; for one with 100,000, a page of its
+newest 100 took 273 ms on SQLite (1.2 ms before) and 1.6 ms on PostgreSQL (1.5 before).
+A look-up by recipient and status uses the index fully.
 
 Building it reads `deliveries` once and, on PostgreSQL, holds writes to it meanwhile.
 
