@@ -244,3 +244,9 @@ def test_db_copy_moves_a_sqlite_ledger_to_postgres(
         ("5001", "supplier", "failed", 1001.0),
     ]
     assert run_sql(postgres_url, "SELECT stage FROM dead_letters") == [("decode",)]
+    # The planner knows the copied tables at once, not after autovacuum's next look.
+    analyzed = run_sql(
+        postgres_url,
+        "SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL",
+    )
+    assert {"deliveries", "dead_letters"} <= {row[0] for row in analyzed}

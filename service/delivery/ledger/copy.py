@@ -54,7 +54,15 @@ def copy_ledger(source: LedgerUrl, target: LedgerUrl) -> dict[str, int]:
     """Rows copied per table. Both ledgers are first upgraded to this code's schema; rows
     the target already has (same key) are kept as they are, so a copy can be re-run."""
     with _connect(source) as src, _connect(target) as dst:
-        return {table.name: _copy_table(table, src, dst) for table in TABLES}
+        copied = {table.name: _copy_table(table, src, dst) for table in TABLES}
+        if dst.dialect.name == "postgresql":
+            # Statistics for the filled tables now, not when autovacuum next looks: until
+            # then the planner takes them for nearly empty, and a claim's key look-up read
+            # a whole 100,000-row table (104 ms) instead of its index.
+            for table in TABLES:
+                dst.exec_driver_sql(f"ANALYZE {table.name}")
+            dst.commit()
+        return copied
 
 
 def _copy_table(table: sa.Table, src: sa.Connection, dst: sa.Connection) -> int:
