@@ -12,7 +12,9 @@ patches the service in this process only:
   once for WARNING and above) instead of one write per line;
 - `no-css-inline`: skip css-inline (NOT equivalent output: only to size its cost);
 - `timeline=PATH`: a line per stage of each batch (`handle_batch+`, `claim-`, …) and per
-  mail sent, with its monotonic time, appended to PATH (a probe: the writes cost time);
+  mail accepted (`accepted+`, until recorded), with its monotonic time, and per record its
+  age when the dispatcher got it, appended to PATH (a probe: the writes cost time);
+  `python -m benchmarks.timeline PATH` sums it up;
 - `waits=PATH`: per awaited stage (building, a mail's SMTP send with its wait for a
   connection, the record, the SQLite thread's work) its calls and summed wall time, as
   JSON, every second;
@@ -121,6 +123,28 @@ def _timeline(path: str) -> None:
     def mark(what: str) -> None:
         out.write(f"{time.monotonic():.6f} {what}\n")
 
+    # How old each record is (from its Kafka timestamp) when the dispatcher gets it, and
+    # whether it was fetched by the catch-up poll (after the batch was taken).
+    handle, dispatch = BatchConsumer.handle, Dispatcher.handle_batch
+    taken: set[tuple[int, int]] = set()
+
+    @functools.wraps(handle)
+    async def took(self: BatchConsumer, message: Any) -> None:
+        taken.clear()
+        taken.update((r.partition, r.offset) for r in message.raw_message)
+        await handle(self, message)
+
+    @functools.wraps(dispatch)
+    async def aged(self: Dispatcher, records: Any, *args: Any, **kwargs: Any) -> None:
+        now = 1000 * time.time()
+        for r in records:
+            how = "taken" if (r.partition, r.offset) in taken else "caught-up"
+            mark(f"age {now - (r.timestamp_ms or 0):.2f} {how}")
+        await dispatch(self, records, *args, **kwargs)
+
+    BatchConsumer.handle = took  # type: ignore[method-assign]
+    Dispatcher.handle_batch = aged  # type: ignore[method-assign]
+
     ledger = ("dead_lettered", "first_start", "sent", "sent_mails", "claim", "record_ticket")
     for cls, name in [
         (BatchConsumer, "handle"),
@@ -133,7 +157,9 @@ def _timeline(path: str) -> None:
         (WorkerPool, "build_chunk"),
         *((SqliteLedger, name) for name in ledger),
     ]:
-        _around(cls, name, lambda n=name: mark(f"{n}+"), lambda _, n=name: mark(f"{n}-"))
+        # Outcomes.sent (a mail accepted, until recorded) apart from the ledger's look-up.
+        label = "accepted" if cls is Outcomes else name
+        _around(cls, name, lambda n=label: mark(f"{n}+"), lambda _, n=label: mark(f"{n}-"))
 
 
 def _waits(path: str) -> None:

@@ -84,6 +84,29 @@ def test_the_launcher_s_probes_still_find_what_they_patch(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
 
 
+def test_the_timeline_summary_of_two_batches() -> None:
+    """`python -m benchmarks.timeline`: offsets from each batch's start, stage durations,
+    the gap between batches and the records' ages, from the probe's lines."""
+    from benchmarks.timeline import report, summarise
+
+    lines = []
+    for start, claim in ((10.0, 0.004), (10.030, 0.006)):
+        lines += [f"{start:.6f} handle+", f"{start + 0.001:.6f} age 12.0 taken"]
+        lines += [f"{start + 0.001:.6f} age 30.0 caught-up"]
+        lines += [f"{start + 0.002:.6f} claim+", f"{start + 0.002 + claim:.6f} claim-"]
+        lines += [f"{start + 0.020:.6f} handle-"]
+    summary = summarise(lines, skip=0)
+    assert summary.batches == 2
+    assert summary.first["claim+"] == pytest.approx(2.0)
+    assert summary.duration["claim"][0] == pytest.approx(5.0)  # the median of 4 and 6 ms
+    assert summary.gap_ms == pytest.approx(10.0)
+    assert summary.ages["taken"] == (2, 12.0, 12.0)
+    assert summary.ages["all"][:2] == (4, 21.0)
+    assert "claim+" in report(summary)
+    # Skipped batches' records are left out of the ages too.
+    assert summarise(lines, skip=1).ages["all"][0] == 2
+
+
 def test_build_smoke() -> None:
     """A render worker's work alone, this checkout against itself (benchmarks/build.py)."""
     cmd = [sys.executable, "-m", "benchmarks.build", "--baseline", str(REPO)]
