@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from service.delivery.ledger import (
+    BatchFacts,
+    BatchQuery,
     Claim,
     ClaimRequest,
     DeadLetter,
@@ -319,6 +323,55 @@ async def test_reminders_are_stored_read_and_moved(ledger: Ledger) -> None:
     await ledger.store_reminders([dataclasses.replace(moved, state="cancelled", payload=None)])
     await ledger.store_reminders([dataclasses.replace(reminder("r1", now + 60), state="cancelled")])
     assert await ledger.next_reminder_due() is None
+
+
+async def test_one_look_up_answers_what_a_batch_asks(ledger: Ledger) -> None:
+    """Dead letters, reminders, sent mails and the parents' Message-IDs, in one call: the
+    same answers as the four calls it replaces."""
+    now = time.time()
+    sent, unsent = key(1), key(2)
+    parent = key(9, "alice@helpdesk.test", "staff")
+    await ledger.record(Entry(sent, Status.SENT, "<a.1@x>", ticket_id="1042"))
+    await ledger.record(Entry(parent, Status.SENT, "<a.9.st@x>", ticket_id="1042"))
+    await ledger.record_dead_letter(DeadLetter(("activities", 0, 5), "validation"))
+    await ledger.store_reminders([reminder("r1", now + 60)])
+    query = BatchQuery(
+        records=[("activities", 0, 5), ("activities", 0, 6)],
+        activities=["r1", "r2"],
+        keys=[sent, unsent],
+        pairs=[("9", "alice@helpdesk.test"), ("9", "bob@helpdesk.test")],
+    )
+    facts = await ledger.look_up(query)
+    assert facts.dead_lettered == {("activities", 0, 5)}
+    assert facts.reminders == [reminder("r1", now + 60)]
+    assert facts.sent == {sent}
+    assert facts.sent_mails == {("9", "alice@helpdesk.test"): {"staff": "<a.9.st@x>"}}
+    assert facts == BatchFacts(
+        await ledger.dead_lettered(query.records),
+        await ledger.reminders_of(query.activities),
+        await ledger.sent(query.keys),
+        await ledger.sent_mails(query.pairs),
+    )
+    assert await ledger.look_up(BatchQuery()) == BatchFacts(set(), [], set(), {})
+
+
+async def test_a_claim_stores_the_batch_s_reminders_in_its_transaction(ledger: Ledger) -> None:
+    now = time.time()
+    claims = await ledger.claim(requests([key(1)]), "me", 60, 0, [reminder("r1", now + 60)])
+    assert claims == {key(1): Claim.WON}
+    assert await ledger.reminders_of(["r1"]) == [reminder("r1", now + 60)]
+    # With nothing to claim, the reminders are still stored.
+    assert await ledger.claim([], "me", 60, 0, [reminder("r2", now + 30)]) == {}
+    assert await ledger.next_reminder_due() == pytest.approx(now + 30)
+
+
+async def test_a_claim_that_fails_stores_no_reminder(ledger: Ledger) -> None:
+    """One transaction: a claim that cannot be written leaves no reminder behind either."""
+    now = time.time()
+    bad = ClaimRequest(Key("1", "customer_content", "x" * 10), ticket_id=object())  # type: ignore[arg-type]
+    with pytest.raises((sqlite3.Error, psycopg.Error)):  # the driver's, for a bad value
+        await ledger.claim([bad], "me", 60, 0, [reminder("r1", now + 60)])
+    assert await ledger.reminders_of(["r1"]) == []
 
 
 async def test_a_due_reminder_is_taken_once_until_its_lease_ends(url: str) -> None:

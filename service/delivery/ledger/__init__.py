@@ -149,6 +149,30 @@ class ReminderRow:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchQuery:
+    """What a batch asks the ledger before it is served, in one look (`Ledger.look_up`)."""
+
+    records: Sequence[Where] = ()
+    """Records to check against the dead letters."""
+    activities: Sequence[str] = ()
+    """Activities whose stored reminders are wanted."""
+    keys: Sequence[Key] = ()
+    """Notifications to check for a mail already sent."""
+    pairs: Sequence[tuple[str, str]] = ()
+    """(parent activity, recipient): the Message-IDs of the mails sent for them."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFacts:
+    """The ledger's answers to a BatchQuery."""
+
+    dead_lettered: set[Where]
+    reminders: list[ReminderRow]
+    sent: set[Key]
+    sent_mails: dict[tuple[str, str], dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerConfig:
     """How to open a ledger (from the NOTIFY_LEDGER_* settings)."""
 
@@ -188,14 +212,22 @@ class Ledger(Protocol):
         """For (activity id, recipient) pairs: the Message-ID of each kind of mail sent."""
         ...
 
+    async def look_up(self, query: BatchQuery) -> BatchFacts:
+        """`dead_lettered`, `reminders_of`, `sent` and `sent_mails` in one go."""
+        ...
+
     async def claim(
         self,
         requests: Sequence[ClaimRequest],
         owner: str,
         lease_seconds: float,
         limit_per_hour: int,
+        reminders: Sequence[ReminderRow] = (),
     ) -> dict[Key, Claim]:
-        """Claim keys before sending them, in one transaction; see README "Ledger" for the rules."""
+        """Claim keys before sending them, in one transaction; see README "Ledger" for the rules.
+
+        `reminders` are stored (as `store_reminders` does) in the same transaction.
+        """
         ...
 
     async def release(self, keys: Sequence[Key], owner: str) -> None:
@@ -305,6 +337,8 @@ async def open_when_reachable(ledger: Ledger, *, max_delay: float = 30.0) -> Non
 
 
 __all__ = [
+    "BatchFacts",
+    "BatchQuery",
     "Claim",
     "ClaimRequest",
     "DeadLetter",

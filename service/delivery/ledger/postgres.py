@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from psycopg_pool import AsyncConnectionPool
 
 from service.delivery.ledger import (
+    BatchFacts,
+    BatchQuery,
     Claim,
     ClaimRequest,
     DeadLetter,
@@ -157,25 +159,48 @@ class PostgresLedger:
     async def sent(self, keys: Sequence[Key]) -> set[Key]:
         if not keys:
             return set()
-        wanted = {tuple(k): k for k in keys}
         async with self._connection() as conn:
-            cur = await conn.execute(SENT, columns(keys, 4))
-            return {wanted[tuple(r)] for r in await cur.fetchall() if tuple(r) in wanted}
+            return await self._sent(conn, keys)
+
+    @staticmethod
+    async def _sent(conn: psycopg.AsyncConnection[Any], keys: Sequence[Key]) -> set[Key]:
+        if not keys:
+            return set()
+        wanted = {tuple(k): k for k in keys}
+        cur = await conn.execute(SENT, columns(keys, 4))
+        return {wanted[tuple(r)] for r in await cur.fetchall() if tuple(r) in wanted}
 
     async def sent_mails(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], dict[str, str]]:
         if not pairs:
             return {}
-        found: dict[tuple[str, str], dict[str, str]] = {}
         async with self._connection() as conn:
-            cur = await conn.execute(SENT_MAILS, columns(pairs, 2))
-            for activity, recipient, kind, message_id in await cur.fetchall():
-                if message_id:
-                    found.setdefault((str(activity), str(recipient)), {})[str(kind)] = str(
-                        message_id
-                    )
+            return await self._sent_mails(conn, pairs)
+
+    @staticmethod
+    async def _sent_mails(
+        conn: psycopg.AsyncConnection[Any], pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        found: dict[tuple[str, str], dict[str, str]] = {}
+        if not pairs:
+            return found
+        cur = await conn.execute(SENT_MAILS, columns(pairs, 2))
+        for activity, recipient, kind, message_id in await cur.fetchall():
+            if message_id:
+                found.setdefault((str(activity), str(recipient)), {})[str(kind)] = str(message_id)
         return found
+
+    async def look_up(self, query: BatchQuery) -> BatchFacts:
+        if not (query.records or query.activities or query.keys or query.pairs):
+            return BatchFacts(set(), [], set(), {})
+        async with self._connection() as conn:
+            return BatchFacts(
+                await self._dead_lettered(conn, query.records),
+                await self._reminders_of(conn, query.activities),
+                await self._sent(conn, query.keys),
+                await self._sent_mails(conn, query.pairs),
+            )
 
     async def claim(
         self,
@@ -183,8 +208,12 @@ class PostgresLedger:
         owner: str,
         lease_seconds: float,
         limit_per_hour: int,
+        reminders: Sequence[ReminderRow] = (),
     ) -> dict[Key, Claim]:
+        if not requests and not reminders:
+            return {}
         if not requests:
+            await self.store_reminders(reminders)
             return {}
         keys = [r.key for r in requests]
         recipients = sorted({k.recipient for k in keys})
@@ -208,6 +237,8 @@ class PostgresLedger:
             if grants:
                 params = [claim_params(g, owner, now, lease_seconds) for g in grants]
                 await conn.execute(CLAIM, columns(params, 12))
+            if reminders:
+                await self._store_reminders(conn, reminders)
         return outcomes
 
     async def release(self, keys: Sequence[Key], owner: str) -> None:
@@ -241,8 +272,16 @@ class PostgresLedger:
         if not records:
             return set()
         async with self._connection() as conn:
-            cur = await conn.execute(DEAD_LETTERED, columns(records, 3))
-            return {(str(t), int(p), int(o)) for t, p, o in await cur.fetchall()}
+            return await self._dead_lettered(conn, records)
+
+    @staticmethod
+    async def _dead_lettered(
+        conn: psycopg.AsyncConnection[Any], records: Sequence[Where]
+    ) -> set[Where]:
+        if not records:
+            return set()
+        cur = await conn.execute(DEAD_LETTERED, columns(records, 3))
+        return {(str(t), int(p), int(o)) for t, p, o in await cur.fetchall()}
 
     async def record_dead_letter(self, letter: DeadLetter) -> None:
         async with self._connection() as conn:
@@ -312,20 +351,34 @@ class PostgresLedger:
         if not activity_ids:
             return []
         async with self._connection() as conn:
-            cur = await conn.execute(
-                f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE activity_id = ANY(%s::text[])",
-                [list(activity_ids)],
-            )
-            return [reminder_of(r) for r in await cur.fetchall()]
+            return await self._reminders_of(conn, activity_ids)
+
+    @staticmethod
+    async def _reminders_of(
+        conn: psycopg.AsyncConnection[Any], activity_ids: Sequence[str]
+    ) -> list[ReminderRow]:
+        if not activity_ids:
+            return []
+        cur = await conn.execute(
+            f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE activity_id = ANY(%s::text[])",
+            [list(activity_ids)],
+        )
+        return [reminder_of(r) for r in await cur.fetchall()]
 
     async def store_reminders(self, rows: Sequence[ReminderRow]) -> None:
         if not rows:
             return
         async with self._connection() as conn:
-            now_row = await (await conn.execute(f"SELECT {NOW}")).fetchone()
-            now = float(now_row[0]) if now_row else time.time()
-            async with conn.cursor() as cur:
-                await cur.executemany(pg(UPSERT_REMINDER), [reminder_params(r, now) for r in rows])
+            await self._store_reminders(conn, rows)
+
+    @staticmethod
+    async def _store_reminders(
+        conn: psycopg.AsyncConnection[Any], rows: Sequence[ReminderRow]
+    ) -> None:
+        now_row = await (await conn.execute(f"SELECT {NOW}")).fetchone()
+        now = float(now_row[0]) if now_row else time.time()
+        async with conn.cursor() as cur:
+            await cur.executemany(pg(UPSERT_REMINDER), [reminder_params(r, now) for r in rows])
 
     async def next_reminder_due(self) -> float | None:
         async with self._connection() as conn:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.delivery.ledger import (
+    BatchFacts,
+    BatchQuery,
     Claim,
     ClaimRequest,
     DeadLetter,
@@ -190,19 +192,39 @@ class SqliteLedger:
                     found.setdefault(pair, {})[str(kind)] = str(message_id)
         return found
 
+    async def look_up(self, query: BatchQuery) -> BatchFacts:
+        def read() -> BatchFacts:
+            return BatchFacts(
+                self._dead_lettered(list(query.records)),
+                self._reminders_of(query.activities),
+                self._sent(list(query.keys)),
+                self._sent_mails(list(query.pairs)),
+            )
+
+        return await self._run(read)
+
     async def claim(
         self,
         requests: Sequence[ClaimRequest],
         owner: str,
         lease_seconds: float,
         limit_per_hour: int,
+        reminders: Sequence[ReminderRow] = (),
     ) -> dict[Key, Claim]:
-        if not requests:
+        if not requests and not reminders:
             return {}
-        return await self._run(
-            self._transaction,
-            lambda db: self._claim(db, list(requests), owner, lease_seconds, limit_per_hour),
-        )
+        stored = [reminder_params(r, time.time()) for r in reminders]
+
+        def claim(db: sqlite3.Connection) -> dict[Key, Claim]:
+            claims = (
+                self._claim(db, list(requests), owner, lease_seconds, limit_per_hour)
+                if requests
+                else {}
+            )
+            db.executemany(UPSERT_REMINDER, stored)
+            return claims
+
+        return await self._run(self._transaction, claim)
 
     def _claim(
         self,
@@ -330,13 +352,12 @@ class SqliteLedger:
     async def reminders_of(self, activity_ids: Sequence[str]) -> list[ReminderRow]:
         if not activity_ids:
             return []
+        return await self._run(self._reminders_of, activity_ids)
 
-        def read() -> list[ReminderRow]:
-            sql = f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE activity_id=?"
-            db = self._db()
-            return [reminder_of(r) for a in activity_ids for r in db.execute(sql, (a,))]
-
-        return await self._run(read)
+    def _reminders_of(self, activity_ids: Sequence[str]) -> list[ReminderRow]:
+        sql = f"SELECT {REMINDER_COLUMNS} FROM reminders WHERE activity_id=?"
+        db = self._db()
+        return [reminder_of(r) for a in activity_ids for r in db.execute(sql, (a,))]
 
     async def store_reminders(self, rows: Sequence[ReminderRow]) -> None:
         if not rows:
