@@ -113,7 +113,6 @@ def _timeline(path: str) -> None:
     from service.delivery.dispatch import Dispatcher
     from service.delivery.ledger.sqlite import SqliteLedger
     from service.delivery.outcomes import Outcomes
-    from service.delivery.reminding import Reminding
     from service.delivery.workers import WorkerPool
     from service.runtime.consumer import BatchConsumer
 
@@ -145,15 +144,12 @@ def _timeline(path: str) -> None:
     BatchConsumer.handle = took  # type: ignore[method-assign]
     Dispatcher.handle_batch = aged  # type: ignore[method-assign]
 
-    ledger = ("dead_lettered", "first_start", "sent", "sent_mails", "claim", "record_ticket")
+    ledger = ("look_up", "first_start", "sent", "sent_mails", "claim", "record_ticket")
     for cls, name in [
         (BatchConsumer, "handle"),
         (Dispatcher, "handle_batch"),
-        (Dispatcher, "_plan_reminders"),
         (BatchOpener, "open"),
         (Outcomes, "sent"),
-        (Reminding, "plan"),
-        (Reminding, "store"),
         (WorkerPool, "build_chunk"),
         *((SqliteLedger, name) for name in ledger),
     ]:

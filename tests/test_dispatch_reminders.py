@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import icalendar
+import pytest
 
-from service.delivery.ledger import DeliveryQuery, Status
+from service.delivery.ledger import DeliveryQuery, LedgerUnavailable, Status
 from tests.test_dispatch import CUSTOMER, Rig, activity, event_bytes, record
 
 STAFF = "bob@helpdesk.test"
@@ -139,5 +140,42 @@ async def test_a_due_reminder_goes_to_the_author_and_staff_once(tmp_path: Path) 
         [row] = await r.ledger.reminders_of(["5001"])
         assert row.state == "sent"
         assert r.count("notifier_reminders_total", action="sent") == 1
+    finally:
+        await r.close()
+
+
+async def test_a_batch_asks_the_ledger_once_and_stores_its_reminders_with_its_claim(
+    tmp_path: Path,
+) -> None:
+    """Before its first send, a batch makes two trips to the ledger: one look-up (dead
+    letters, reminders, sent mails, parents) and one claim transaction that also stores
+    the reminders it planned. A claim that fails stores none, and nothing is sent."""
+    r = await rig(tmp_path)
+    calls: list[str] = []
+    ledger: Any = r.ledger
+    for name in ("look_up", "claim", "dead_lettered", "reminders_of", "store_reminders", "sent"):
+        original = getattr(ledger, name)
+
+        async def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            calls.append(_name)
+            return await _original(*args)
+
+        setattr(ledger, name, counted)
+    try:
+        await r.dispatcher.handle_batch([record(event_bytes(dated(later(5), id="5001")))])
+        assert calls == ["look_up", "claim"]
+        assert len(await r.ledger.reminders_of(["5001"])) == 1
+        claim = ledger.claim
+
+        async def refused(*args: Any) -> Any:
+            raise LedgerUnavailable("sqlite: disk I/O error")
+
+        ledger.claim = refused
+        sent = len(r.mailer.accepted)
+        with pytest.raises(LedgerUnavailable):
+            await r.dispatcher.handle_batch([record(event_bytes(dated(later(6), id="5002")))])
+        assert await r.ledger.reminders_of(["5002"]) == []
+        assert len(r.mailer.accepted) == sent
+        ledger.claim = claim
     finally:
         await r.close()

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.core.events import ActivityEvent
 from service.core.routing import Kind, Notification, RoutingResult
 from service.delivery.build import MailBuilder
 from service.delivery.config import DeliveryConfig
-from service.delivery.ledger import Claim, ClaimRequest, Key, Ledger
+from service.delivery.ledger import (
+    BatchFacts,
+    BatchQuery,
+    Claim,
+    ClaimRequest,
+    Key,
+    Ledger,
+    ReminderRow,
+    Where,
+)
 from service.delivery.outcomes import Ids
 from service.delivery.sending import Batch
 
@@ -36,10 +46,20 @@ class BatchOpener:
         self._ledger = ledger
         self._builder = builder
 
-    async def open(self, live: list[Routed]) -> Batch:
-        keys = [n.key for item in live for n in item.result.notifications]
-        sent = await self._ledger.sent(keys)
-        parents = await self._parent_mails(live, sent)
+    async def open(
+        self,
+        live: list[Routed],
+        facts: BatchFacts | None = None,
+        reminders: Sequence[ReminderRow] = (),
+    ) -> Batch:
+        """The batch, claimed; `facts` if its look-ups were made already (`query`), and
+        `reminders` to store in the claim's transaction."""
+        if facts is None:
+            keys = [n.key for item in live for n in item.result.notifications]
+            sent = await self._ledger.sent(keys)
+            parents = await self._parent_mails(live, sent)
+        else:
+            sent, parents = facts.sent, facts.sent_mails
         unsent = [
             answering(n, parents)
             for item in live
@@ -52,7 +72,7 @@ class BatchOpener:
         try:
             # Ticket references (for the audit) go in beside the claims, not after them.
             (claims, claimed_at), _ = await asyncio.gather(
-                self._claim(live, sent), self._record_tickets(live)
+                self._claim(live, sent, reminders), self._record_tickets(live)
             )
         except BaseException:
             await mails.close()
@@ -73,6 +93,23 @@ class BatchOpener:
         await batch.mails.close()
         await self._release(batch)
 
+    @staticmethod
+    def query(records: Sequence[Where], routed: Sequence[Routed]) -> BatchQuery:
+        """Everything a batch of these records asks the ledger before it is opened: their
+        dead letters, their activities' reminders, which mails were sent, and what the
+        follow-ups' parents mailed (for records that turn out dead-lettered too: a few
+        rows more, one look instead of four)."""
+        live = [item for item in routed if not item.expired]
+        notes = [n for item in live for n in item.result.notifications]
+        return BatchQuery(
+            records=records,
+            activities=sorted({item.event.data.activity.id for item in live}),
+            keys=[n.key for n in notes],
+            pairs=sorted(
+                {(n.parent_activity_id, n.key.recipient) for n in notes if n.parent_activity_id}
+            ),
+        )
+
     async def _parent_mails(
         self, live: list[Routed], sent: set[Key]
     ) -> dict[tuple[str, str], dict[str, str]]:
@@ -85,7 +122,9 @@ class BatchOpener:
         }
         return await self._ledger.sent_mails(sorted(pairs)) if pairs else {}
 
-    async def _claim(self, live: list[Routed], sent: set[Key]) -> tuple[dict[Key, Claim], float]:
+    async def _claim(
+        self, live: list[Routed], sent: set[Key], reminders: Sequence[ReminderRow] = ()
+    ) -> tuple[dict[Key, Claim], float]:
         """Claim the batch's unsent keys in one transaction; the claims and when they began."""
         requests: dict[Key, ClaimRequest] = {}
         for item in live:
@@ -101,6 +140,7 @@ class BatchOpener:
             self._config.owner,
             self._config.lease_seconds,
             self._config.recipient_limit,
+            reminders,
         )
         return claims, started
 

@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service.core.directory import Directory
@@ -21,7 +21,7 @@ from service.delivery.config import DeliveryConfig
 from service.delivery.dead_letters import DeadLetterSink, Record, RetryLater
 from service.delivery.ledger import DeadLetter, Ledger, ReminderRow
 from service.delivery.outcomes import Ids, Outcomes
-from service.delivery.reminding import Planning, ReminderConfig, Reminding
+from service.delivery.reminding import Plan, Planning, ReminderConfig, Reminding
 from service.delivery.sending import Batch, Sender
 from service.delivery.smtp import Mailer
 from service.runtime.metrics import Metrics
@@ -36,6 +36,16 @@ REPLAYED_STAGE = "x-replayed-stage"
 REVOKE_WAIT_SECONDS = 10.0
 
 TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """What planning did to a batch: reminder rows to store, the nearest moment scheduled,
+    and the records whose notifications changed (their .ics, their late reminders)."""
+
+    rows: dict[tuple[str, str], ReminderRow]
+    earliest: float | None
+    changed: dict[tuple[str, int, int], Routed | InvalidEvent]
 
 
 class Revoked(RetryLater):
@@ -65,7 +75,7 @@ class Dispatcher:
         self._metrics = metrics
         self._outcomes = Outcomes(ledger, metrics)
         self._opener = BatchOpener(config, ledger, builder)
-        self._reminding = Reminding(reminders or ReminderConfig(), ledger, directory, metrics)
+        self._reminding = Reminding(reminders or ReminderConfig(), directory, metrics)
         self.on_scheduled: Callable[[float], None] = lambda moment: None
         """Told the nearest moment of each batch's newly scheduled reminders."""
         self._stopping = asyncio.Event()
@@ -98,22 +108,37 @@ class Dispatcher:
 
         Records of one key (one ticket) on one partition are served in order; different
         keys are served concurrently, up to the configured concurrency. Parsing and routing
-        are pure, so they run first, and the ledger is asked once per batch for what was
-        sent, for the parents' mails, and to claim what is to be sent.
+        are pure, so they run first. Then the ledger is visited twice before the first send:
+        one look-up (which records were dead-lettered, the activities' stored reminders,
+        which mails were sent, what the parents mailed), and one transaction that claims
+        what is to be sent and stores the reminders the batch planned (so before any offset
+        is committed).
         """
         if self._stopping.is_set():
             raise RetryLater
         snapshot = {
             (r.topic, r.partition): self._revocations[(r.topic, r.partition)] for r in records
         }
-        done = await self._ledger.dead_lettered([r.where for r in records])
-        pending = [r for r in records if r.where not in done]
         guard = await self._history_guard()
         now = time.time()
-        routed = {r.where: self._route(r, guard, now) for r in pending}
-        routed.update(await self._plan_reminders(pending, routed, now))
+        # Routing is pure: every record is routed first, so that one look into the ledger
+        # answers what the batch needs before it is opened (BatchOpener.query).
+        every = {r.where: self._route(r, guard, now) for r in records}
+        facts = await self._ledger.look_up(
+            BatchOpener.query(
+                [r.where for r in records],
+                [item for item in every.values() if isinstance(item, Routed)],
+            )
+        )
+        pending = [r for r in records if r.where not in facts.dead_lettered]
+        routed = {r.where: every[r.where] for r in pending}
+        plan = self._plan_reminders(pending, routed, facts.reminders, now)
+        routed.update(plan.changed)
         live = [item for item in routed.values() if isinstance(item, Routed) and not item.expired]
-        batch = await self._opener.open(live)
+        # The reminders are stored in the claim's transaction, before anything is served.
+        batch = await self._opener.open(live, facts, list(plan.rows.values()))
+        if plan.earliest is not None:
+            self.on_scheduled(plan.earliest)
         groups: dict[tuple[int, bytes | None], list[Record]] = defaultdict(list)
         for record in pending:
             groups[(record.partition, record.key)].append(record)
@@ -150,23 +175,21 @@ class Dispatcher:
         if errors:
             raise errors[0]
 
-    async def _plan_reminders(
+    def _plan_reminders(
         self,
         pending: list[Record],
         routed: dict[tuple[str, int, int], Routed | InvalidEvent],
+        stored: list[ReminderRow],
         now: float,
-    ) -> dict[tuple[str, int, int], Routed | InvalidEvent]:
-        """Schedule, move or cancel the batch's reminders, stored before anything is served
-        (so before any offset is committed); staff mail gets its .ics entries."""
+    ) -> _Planned:
+        """Schedule, move or cancel the batch's reminders (`stored`: the rows the ledger
+        holds for its activities); staff mail gets its .ics entries."""
         items = [
             Planning(i, item.event, item.result, _written(record))
             for i, record in enumerate(pending)
             if isinstance(item := routed[record.where], Routed) and not item.expired
         ]
-        plan = await self._reminding.plan(items, now)
-        await self._reminding.store(plan)
-        if plan.earliest is not None:
-            self.on_scheduled(plan.earliest)
+        plan = self._reminding.plan(items, stored, now) if items else Plan()
         changed: dict[tuple[str, int, int], Routed | InvalidEvent] = {}
         for i, record in enumerate(pending):
             item = routed[record.where]
@@ -180,7 +203,7 @@ class Dispatcher:
             changed[record.where] = replace(
                 item, result=result, late_reminders=tuple(plan.expired.get(i, ()))
             )
-        return changed
+        return _Planned(plan.rows, plan.earliest, changed)
 
     async def send_reminders(self, rows: list[ReminderRow]) -> None:
         """Due reminders this instance took: their mails, through the same path as events."""

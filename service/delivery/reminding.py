@@ -1,8 +1,9 @@
 """Reminders on the delivery path: a batch plans its activities' reminders into the ledger,
 durably, before any of its offsets can be committed; a due reminder becomes mail here.
 
-The rules are the pure core's (`service.core.reminders`); this module reads and writes the
-rows, counts what happened and turns a due row back into notifications.
+The rules are the pure core's (`service.core.reminders`); this module plans the rows (the
+batch's one look into the ledger reads them, its claim's transaction stores them), counts
+what happened and turns a due row back into notifications.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from service.core.reminders import (
 )
 from service.core.routing import Kind, Notification, RoutingResult
 from service.delivery.dead_letters import Record
-from service.delivery.ledger import Ledger, ReminderRow
+from service.delivery.ledger import ReminderRow
 from service.runtime.metrics import Metrics
 
 log = logging.getLogger("service.delivery.reminders")
@@ -75,23 +76,19 @@ class Planning:
 class Reminding:
     """Plans reminders from events, and rebuilds the mails of due ones."""
 
-    def __init__(
-        self, config: ReminderConfig, ledger: Ledger, directory: Directory, metrics: Metrics
-    ) -> None:
+    def __init__(self, config: ReminderConfig, directory: Directory, metrics: Metrics) -> None:
         self._config = config
-        self._ledger = ledger
         self._directory = directory
         self._metrics = metrics
 
-    async def plan(self, items: Sequence[Planning], now: float) -> Plan:
-        """Apply each event, in order, to its activity's stored reminders."""
+    def plan(self, items: Sequence[Planning], rows: Sequence[ReminderRow], now: float) -> Plan:
+        """Apply each event, in order, to its activity's stored reminders (`rows`: those
+        the ledger holds for the items' activities, read with the batch's other look-ups).
+        The batch's claim stores the plan's rows, in its transaction."""
         plan = Plan()
-        if not items:
-            return plan
-        activities = sorted({i.event.data.activity.id for i in items})
         # Activity → kind → its stored reminder (this batch's changes included).
         stored: dict[str, dict[str, ReminderRow]] = defaultdict(dict)
-        for r in await self._ledger.reminders_of(activities):
+        for r in rows:
             stored[r.activity_id][r.kind] = r
         clock = dt.datetime.fromtimestamp(now, dt.UTC)
         for item in sorted(items, key=lambda i: i.index):
@@ -132,10 +129,6 @@ class Reminding:
             if entries:
                 plan.notifications[item.index] = add_calendar(item.result.notifications, entries)
         return plan
-
-    async def store(self, plan: Plan) -> None:
-        """Durably, before the batch's offsets can be committed."""
-        await self._ledger.store_reminders(list(plan.rows.values()))
 
     def mails(self, event: ActivityEvent, kind: Kind, moment: dt.datetime) -> RoutingResult:
         return reminder_notifications(event, self._directory, kind, moment, self._config.zone)
