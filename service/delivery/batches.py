@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.core.events import ActivityEvent
 from service.core.routing import Kind, Notification, RoutingResult
@@ -55,11 +55,9 @@ class BatchOpener:
         """The batch, claimed; `facts` if its look-ups were made already (`query`), and
         `reminders` to store in the claim's transaction."""
         if facts is None:
-            keys = [n.key for item in live for n in item.result.notifications]
-            sent = await self._ledger.sent(keys)
-            parents = await self._parent_mails(live, sent)
-        else:
-            sent, parents = facts.sent, facts.sent_mails
+            # Due reminders: their sent mails and parents only (their rows are in hand).
+            facts = await self._ledger.look_up(replace(self.query([], live), activities=()))
+        sent, parents = facts.sent, facts.sent_mails
         unsent = [
             answering(n, parents)
             for item in live
@@ -109,18 +107,6 @@ class BatchOpener:
                 {(n.parent_activity_id, n.key.recipient) for n in notes if n.parent_activity_id}
             ),
         )
-
-    async def _parent_mails(
-        self, live: list[Routed], sent: set[Key]
-    ) -> dict[tuple[str, str], dict[str, str]]:
-        """What the parents of the batch's follow-ups mailed to the same recipients."""
-        pairs = {
-            (n.parent_activity_id, n.key.recipient)
-            for item in live
-            for n in item.result.notifications
-            if n.parent_activity_id and n.key not in sent
-        }
-        return await self._ledger.sent_mails(sorted(pairs)) if pairs else {}
 
     async def _claim(
         self, live: list[Routed], sent: set[Key], reminders: Sequence[ReminderRow] = ()
