@@ -157,10 +157,7 @@ class PostgresLedger:
         return True
 
     async def sent(self, keys: Sequence[Key]) -> set[Key]:
-        if not keys:
-            return set()
-        async with self._connection() as conn:
-            return await self._sent(conn, keys)
+        return (await self.look_up(BatchQuery(keys=keys))).sent
 
     @staticmethod
     async def _sent(conn: psycopg.AsyncConnection[Any], keys: Sequence[Key]) -> set[Key]:
@@ -173,10 +170,7 @@ class PostgresLedger:
     async def sent_mails(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], dict[str, str]]:
-        if not pairs:
-            return {}
-        async with self._connection() as conn:
-            return await self._sent_mails(conn, pairs)
+        return (await self.look_up(BatchQuery(pairs=pairs))).sent_mails
 
     @staticmethod
     async def _sent_mails(
@@ -192,6 +186,9 @@ class PostgresLedger:
         return found
 
     async def look_up(self, query: BatchQuery) -> BatchFacts:
+        # `sent`, `sent_mails`, `dead_lettered` and `reminders_of` are this with one part:
+        # each part's helper skips its query when the part is empty, and no connection is
+        # taken for nothing.
         if not (query.records or query.activities or query.keys or query.pairs):
             return BatchFacts(set(), [], set(), {})
         async with self._connection() as conn:
@@ -269,10 +266,7 @@ class PostgresLedger:
                 await conn.execute(UPSERT_TICKETS, columns(pairs, 2))
 
     async def dead_lettered(self, records: Sequence[Where]) -> set[Where]:
-        if not records:
-            return set()
-        async with self._connection() as conn:
-            return await self._dead_lettered(conn, records)
+        return (await self.look_up(BatchQuery(records=records))).dead_lettered
 
     @staticmethod
     async def _dead_lettered(
@@ -348,10 +342,7 @@ class PostgresLedger:
         return total
 
     async def reminders_of(self, activity_ids: Sequence[str]) -> list[ReminderRow]:
-        if not activity_ids:
-            return []
-        async with self._connection() as conn:
-            return await self._reminders_of(conn, activity_ids)
+        return (await self.look_up(BatchQuery(activities=activity_ids))).reminders
 
     @staticmethod
     async def _reminders_of(
