@@ -21,7 +21,7 @@ from service.delivery.config import DeliveryConfig
 from service.delivery.dead_letters import DeadLetterSink, Record, RetryLater
 from service.delivery.ledger import DeadLetter, Ledger, ReminderRow
 from service.delivery.outcomes import Ids, Outcomes
-from service.delivery.reminding import Plan, Planning, ReminderConfig, Reminding
+from service.delivery.reminding import Planning, ReminderConfig, Reminding
 from service.delivery.sending import Batch, Sender
 from service.delivery.smtp import Mailer
 from service.runtime.metrics import Metrics
@@ -189,7 +189,7 @@ class Dispatcher:
             for i, record in enumerate(pending)
             if isinstance(item := routed[record.where], Routed) and not item.expired
         ]
-        plan = self._reminding.plan(items, stored, now) if items else Plan()
+        plan = self._reminding.plan(items, stored, now)
         changed: dict[tuple[str, int, int], Routed | InvalidEvent] = {}
         for i, record in enumerate(pending):
             item = routed[record.where]
